@@ -1,0 +1,28 @@
+"""Benchmark harness behind ``python -m fusedstab.bench``.
+
+Layout: ``case.py`` (Case, Provider, Config), ``timing.py`` (timers, copy bandwidth),
+``providers.py`` (eager / torch.compile / fusedstab backends / peers), one module per op family
+(``norms.py``), ``runner.py`` (runs cases into result rows), ``report.py`` (table, JSON, plot).
+
+To add an op: write ``fusedstab/bench/<family>.py`` with a function ``cfg -> list[Case]`` and add
+it to ``OPS`` below. Modules are imported lazily so that one broken op never stops the others.
+"""
+from __future__ import annotations
+
+import importlib
+
+from .case import MODES, Case, Config, Provider
+
+OPS = {
+    "layer_norm": "fusedstab.bench.norms:layer_norm",
+    "rms_norm": "fusedstab.bench.norms:rms_norm",
+    "add_layer_norm": "fusedstab.bench.norms:add_layer_norm",
+}
+
+
+def load_cases(op: str, cfg: Config) -> list[Case]:
+    module, fn = OPS[op].split(":")
+    return getattr(importlib.import_module(module), fn)(cfg)
+
+
+__all__ = ["MODES", "OPS", "Case", "Config", "Provider", "load_cases"]

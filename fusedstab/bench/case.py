@@ -1,0 +1,62 @@
+"""What one benchmark case is: an op at one shape, the callables that compute it, the bytes it must move.
+
+A new op family (GroupNorm, attention, grad clipping, ...) adds a module next to ``norms.py`` with a
+function ``cases(op, cfg) -> list[Case]`` and one line in ``fusedstab.bench.OPS``.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager
+
+import torch
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class Config:
+    """What the user asked for; case generators turn it into shapes."""
+
+    device: str  # "cuda" or "cpu"
+    dtype: torch.dtype
+    quick: bool = False
+    smoke: bool = False  # one tiny shape per op: the end-to-end test of the harness itself
+    compile: bool = True
+    rows_n: tuple[int, ...] | None = None  # override the sweep of row lengths (norms)
+    target_mib: int | None = None  # size of the main activation tensor; None: device default
+
+
+@dataclass
+class Provider:
+    """One implementation. ``context`` is entered around building, warming up and timing it,
+    e.g. ``fusedstab.use_backend("triton")`` (so backward dispatch sees the same choice)."""
+
+    fn: Callable
+    context: Callable[[], ContextManager] = contextlib.nullcontext
+
+
+@dataclass
+class Case:
+    op: str
+    params: dict  # shape and dtype, e.g. {"M": 4096, "N": 8192}; becomes part of each result row
+    make_inputs: Callable[[], tuple[list[torch.Tensor], list[torch.Tensor]]]
+    """Fresh (inputs, grad_outputs). Every input requires grad; providers take ``*inputs``."""
+    providers: dict[str, Provider]
+    bytes_moved: dict[str, int]  # mode -> fewest bytes (each input read once, each output written once)
+    flops: dict[str, int] | None = None  # mode -> flops, for compute-bound ops (attention, matmul)
+    skipped: dict[str, str] = field(default_factory=dict)  # provider -> why it is not in this case
+    modes: tuple[str, ...] = MODES
+
+    @property
+    def label(self) -> str:
+        return f"{self.op}[" + ",".join(f"{k}={v}" for k, v in self.params.items()) + "]"
+
+
+def randn_inputs(shapes: list[tuple[int, ...]], dtype, device, grad_shapes: list[tuple[int, ...]]):
+    """Random normal inputs (never zeros: some kernels shortcut them) that require grad,
+    and random grad_outputs."""
+    inputs = [torch.randn(s, dtype=dtype, device=device).requires_grad_() for s in shapes]
+    grads = [torch.randn(s, dtype=dtype, device=device) for s in grad_shapes]
+    return inputs, grads

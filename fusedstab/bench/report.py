@@ -1,0 +1,123 @@
+"""Turn results into a table, a short summary, JSON and a PNG plot."""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+COLS = ("op", "mode", "M", "N", "provider", "ms", "GB/s", "%copy", "x eager", "x compile", "err")
+
+
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def table(res: dict) -> str:
+    lines, last = [], None
+    for r in res["rows"]:
+        group = (r["op"], r["mode"], r["M"], r["N"])
+        if last is not None and group != last:
+            lines.append(None)  # blank line between shapes
+        last = group
+        lines.append((r["op"], r["mode"], str(r["M"]), str(r["N"]), r["provider"], _fmt(r["ms"], ".4f"),
+                      _fmt(r["gbps"], ".1f"), _fmt(r["pct_copy"], ".1f"), _fmt(r["speedup_vs_eager"], ".2f"),
+                      _fmt(r["speedup_vs_compile"], ".2f"), _fmt(r["max_rel_err"], ".1e")))
+    return _render(COLS, lines, _header(res))
+
+
+def summary(res: dict) -> str:
+    """Per op and mode: geometric-mean speedup vs eager and median % of copy bandwidth per provider."""
+    groups: dict = {}
+    for r in res["rows"]:
+        groups.setdefault((r["op"], r["mode"]), {}).setdefault(r["provider"], []).append(r)
+    provs = list(dict.fromkeys(r["provider"] for r in res["rows"]))
+    lines = []
+    for (op, mode), by in groups.items():
+        cells = []
+        for p in provs:
+            rs = by.get(p)
+            if not rs:
+                cells.append("-")
+                continue
+            sp = [r["speedup_vs_eager"] for r in rs if r["speedup_vs_eager"]]
+            gm = math.exp(sum(map(math.log, sp)) / len(sp)) if sp else None
+            pct = sorted(r["pct_copy"] for r in rs)[len(rs) // 2]
+            cells.append(f"{_fmt(gm, '.2f')}x {pct:.0f}%")
+        lines.append((op, mode, *cells))
+    title = "summary: geomean speedup vs eager, median % of copy bandwidth, over row lengths"
+    return _render(("op", "mode", *provs), lines, title)
+
+
+def _header(res: dict) -> str:
+    m, c = res["meta"], res["copy_bandwidth"]
+    return (f"{m['device_name']} | {m['dtype']} | torch {m['torch']} | triton {m['triton']} | {m['date']}\n"
+            f"copy bandwidth {c['gbps']:.1f} GB/s (read + write); bytes = fewest bytes each mode must move")
+
+
+def _render(cols, lines, title) -> str:
+    rows = [l for l in lines if l is not None]
+    w = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(cols)]
+    fmt = lambda r: "  ".join(s.rjust(w[i]) if i >= 2 else s.ljust(w[i]) for i, s in enumerate(r)).rstrip()
+    out = [title, fmt(cols), fmt(["-" * x for x in w])]
+    out += ["" if l is None else fmt(l) for l in lines]
+    return "\n".join(out)
+
+
+def notes(res: dict) -> str:
+    return "\n".join(["notes:"] + [f"  - {n}" for n in res["notes"]]) if res["notes"] else ""
+
+
+def stem(res: dict) -> str:
+    m = res["meta"]
+    name = re.sub(r"[^a-z0-9]+", "-", m["device_name"].lower()).strip("-")[:40]
+    date = m["date"][:19].replace(":", "").replace("-", "").replace("T", "-")
+    return f"{name}-{m['dtype']}-{date}" + ("-smoke" if m["smoke"] else "")
+
+
+def write(res: dict, out_dir: Path) -> list[Path]:
+    """JSON, the table as text, and the plot (if matplotlib is importable) under ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = out_dir / stem(res)
+    png = plot(res, base.with_suffix(".png"))  # first: a missing matplotlib becomes a note in the JSON
+    paths = [base.with_suffix(".json"), base.with_suffix(".txt")]
+    paths[0].write_text(json.dumps(res, indent=1) + "\n")
+    paths[1].write_text("\n\n".join(filter(None, [table(res), summary(res), notes(res)])) + "\n")
+    return paths + ([png] if png else [])
+
+
+def plot(res: dict, path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        res["notes"].append("matplotlib not importable: no plot written")
+        return None
+    ops = list(dict.fromkeys(r["op"] for r in res["rows"]))
+    modes = list(dict.fromkeys(r["mode"] for r in res["rows"]))
+    if not ops:
+        return None
+    fig, axes = plt.subplots(len(ops), len(modes), figsize=(5 * len(modes), 3.6 * len(ops)), squeeze=False)
+    copy = res["copy_bandwidth"]["gbps"]
+    for i, op in enumerate(ops):
+        for j, mode in enumerate(modes):
+            ax = axes[i][j]
+            rs = [r for r in res["rows"] if r["op"] == op and r["mode"] == mode]
+            for p in dict.fromkeys(r["provider"] for r in rs):
+                pts = sorted((r["N"], r["gbps"]) for r in rs if r["provider"] == p)
+                ax.plot(*zip(*pts), marker="o", label=p)
+            ax.axhline(copy, color="gray", ls="--", lw=1, label="copy")
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{op} {mode}", fontsize=10)
+            ax.set_xlabel("N (row length)")
+            ax.set_ylabel("GB/s")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    m = res["meta"]
+    fig.suptitle(f"{m['device_name']}, {m['dtype']}, {m['date'][:10]}", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,90 @@
+"""Eager-PyTorch reference of every fusedstab op, written for clarity.
+
+Tests compare kernels against these (run in float64 for the "exact" answer), and the ``torch``
+backend serves calls with them. Forward functions are plain differentiable torch code; backward
+functions spell out the gradient formulas the kernels implement (and are tested against autograd).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp32 for fp32/fp16/bf16, fp64 for fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------- LayerNorm / RMSNorm
+def norm_fwd(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
+             eps: float, rms: bool):
+    """Rows of x (M, N) normalized: LayerNorm, or RMSNorm when ``rms``.
+
+    With a residual, h = x + residual (in their promoted dtype) is normalized and returned too.
+    Returns (y in x's dtype, h or None, mean or None, rstd), statistics in the accumulation dtype.
+    """
+    h = x if residual is None else x + residual
+    acc = acc_dtype(h.dtype)
+    hf = h.to(acc)
+    mean = None if rms else hf.mean(-1)
+    hc = hf if rms else hf - mean[:, None]
+    rstd = torch.rsqrt((hc * hc).mean(-1) + eps)
+    y = hc * rstd[:, None]
+    if weight is not None:
+        y = y * weight.to(acc)
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype), (None if residual is None else h), mean, rstd
+
+
+def norm_bwd(dy: Tensor, h: Tensor, weight: Tensor | None, mean: Tensor | None, rstd: Tensor,
+             dh: Tensor | None, rms: bool, need_dbias: bool):
+    """Gradients of norm_fwd from its saved h, mean, rstd. ``dh`` is the gradient flowing into the
+    residual output h, added to dx. Returns (dx in h's dtype, dweight or None, dbias or None),
+    the parameter gradients in the accumulation dtype."""
+    acc = rstd.dtype
+    hf, g = h.to(acc), dy.to(acc)
+    xhat = (hf if rms else hf - mean[:, None]) * rstd[:, None]
+    wg = g if weight is None else g * weight.to(acc)
+    dx = wg - xhat * (xhat * wg).mean(-1, keepdim=True)
+    if not rms:
+        dx = dx - wg.mean(-1, keepdim=True)
+    dx = dx * rstd[:, None]
+    if dh is not None:
+        dx = dx + dh.to(acc)
+    dw = None if weight is None else (g * xhat).sum(0)
+    db = (g.sum(0) if need_dbias else None)
+    return dx.to(h.dtype), dw, db
+
+
+def _rows(x: Tensor, normalized_shape) -> Tensor:
+    n = 1
+    for d in normalized_shape:
+        n *= d
+    return x.reshape(-1, n)
+
+
+def layer_norm(input: Tensor, normalized_shape, weight=None, bias=None, eps: float = 1e-5) -> Tensor:
+    """torch.nn.functional.layer_norm, by the formula."""
+    w = None if weight is None else weight.reshape(-1)
+    b = None if bias is None else bias.reshape(-1)
+    return norm_fwd(_rows(input, normalized_shape), w, b, None, eps, False)[0].reshape(input.shape)
+
+
+def rms_norm(input: Tensor, normalized_shape, weight=None, eps: float | None = None) -> Tensor:
+    """torch.nn.functional.rms_norm, by the formula (eps=None: machine eps of the accumulation dtype)."""
+    if eps is None:
+        eps = torch.finfo(acc_dtype(input.dtype)).eps
+    w = None if weight is None else weight.reshape(-1)
+    return norm_fwd(_rows(input, normalized_shape), w, None, None, eps, True)[0].reshape(input.shape)
+
+
+def add_layer_norm(x: Tensor, residual: Tensor, normalized_shape, weight=None, bias=None,
+                   eps: float = 1e-5, rms: bool = False):
+    """(norm(x + residual), x + residual): the pre-norm block's fused residual add."""
+    if rms and eps is None:
+        eps = torch.finfo(acc_dtype(x.dtype)).eps
+    w = None if weight is None else weight.reshape(-1)
+    b = None if bias is None else bias.reshape(-1)
+    y, h, _, _ = norm_fwd(_rows(x, normalized_shape), w, b, _rows(residual, normalized_shape), eps, rms)
+    return y.reshape(x.shape), h.reshape(x.shape)
