@@ -55,8 +55,10 @@ class Case:
 
 
 def randn_inputs(shapes: list[tuple[int, ...]], dtype, device, grad_shapes: list[tuple[int, ...]]):
-    """Random normal inputs (never zeros: some kernels shortcut them) that require grad,
-    and random grad_outputs."""
-    inputs = [torch.randn(s, dtype=dtype, device=device).requires_grad_() for s in shapes]
-    grads = [torch.randn(s, dtype=dtype, device=device) for s in grad_shapes]
+    """Random normal inputs that require grad, and random grad_outputs: never zeros (kernels may
+    shortcut them), and seeded so every provider sees the same values (outputs are compared)."""
+    g = torch.Generator(device).manual_seed(0)
+    rand = lambda s: torch.randn(s, dtype=dtype, device=device, generator=g)
+    inputs = [rand(s).requires_grad_() for s in shapes]
+    grads = [rand(s) for s in grad_shapes]
     return inputs, grads

@@ -36,7 +36,7 @@ def time_ms(thunk: Callable, device: str, quick: bool = False) -> float:
         # do_bench warms up, flushes L2 before each rep and times with CUDA events.
         return float(triton.testing.do_bench(thunk, warmup=10 if quick else 25, rep=40 if quick else 100,
                                              return_mode="median"))
-    return _cpu_time_ms(thunk, reps=3 if quick else 7)
+    return _cpu_time_ms(thunk, reps=5 if quick else 9)
 
 
 def _cpu_time_ms(thunk: Callable, reps: int, budget_s: float = 1.0) -> float:
