@@ -4,11 +4,12 @@ Each takes already-validated arguments (see fusedstab.functional, which checks t
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 
-from . import ops  # noqa: F401  (registers torch.ops.fusedstab.*)
+from . import backend, ops  # noqa: F401  (registers torch.ops.fusedstab.*)
 
 _ops = torch.ops.fusedstab
 
@@ -31,6 +32,10 @@ def _forward(ctx, x, residual, normalized_shape, weight, bias, eps, rms):
     x2 = _rows(x, normalized_shape)
     r2 = None if residual is None else _rows(residual, normalized_shape)
     y, h, mean, rstd = _ops.layer_norm_fwd(x2, w, b, r2, eps, rms)
+    # Backward runs where forward ran: re-apply this choice there (autograd's CUDA backward threads
+    # and a backward() outside the use_backend block would not see it). Compiled graphs read the
+    # process-wide choice at run time instead.
+    ctx.backend = None if torch.compiler.is_compiling() else backend.get_backend()
     ctx.rms, ctx.normalized_shape, ctx.shape = rms, normalized_shape, x.shape
     ctx.dtypes = (x.dtype, None if residual is None else residual.dtype)
     # Backward needs the normalized h: x itself, or with a residual the h just written.
@@ -43,7 +48,8 @@ def _backward(ctx, dy, dh=None):
     h, w, b, mean, rstd = ctx.saved_tensors
     ns = ctx.normalized_shape
     dh2 = None if dh is None else _rows(dh, ns)
-    dx, dw, db = _ops.layer_norm_bwd(_rows(dy, ns), h, w, b, mean, rstd, dh2, ctx.rms)
+    with backend.use_backend(ctx.backend) if ctx.backend else contextlib.nullcontext():
+        dx, dw, db = _ops.layer_norm_bwd(_rows(dy, ns), h, w, b, mean, rstd, dh2, ctx.rms)
     dx = dx.view(ctx.shape)
     dres = None if ctx.dtypes[1] is None else dx.to(ctx.dtypes[1])
     return (dx.to(ctx.dtypes[0]), dres, None if w is None else dw.view(ns),

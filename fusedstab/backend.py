@@ -5,7 +5,8 @@ Backends: ``triton`` (Triton kernels; default on CUDA, on CPU only through the T
 An op registers one implementation per backend plus an ``ok(*tensors)`` check; callers never name a
 backend. The choice comes from ``use_backend(name)`` (innermost wins), else ``FUSEDSTAB_BACKEND``,
 else automatic. An explicit choice that cannot serve a call raises ``BackendError``; the automatic
-choice falls back along its preference list.
+choice falls back along its preference list. Backward runs on the backend chosen when its forward
+ran (eager mode), wherever ``backward()`` is called.
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import contextlib
 import functools
 import importlib.util
 import os
-import threading
 import warnings
 from typing import Callable
 
@@ -21,7 +21,9 @@ BACKENDS = ("triton", "cuda", "cpu", "torch")
 # Automatic preference per device type: first available and able to serve the call wins.
 _AUTO = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 
-_local = threading.local()
+# Process-wide, like torch.backends flags: autograd runs CUDA backward on its own threads, which
+# must see the choice too (fusedstab.autograd also re-applies the forward's choice in backward).
+_stack: list = []
 _impls: dict[str, dict[str, tuple[Callable, Callable]]] = {}
 _warned: set = set()
 
@@ -77,9 +79,8 @@ def _check_name(name: str) -> str:
 
 def get_backend() -> str | None:
     """The explicitly chosen backend (context manager, then env var), or None for automatic."""
-    stack = getattr(_local, "stack", None)
-    if stack:
-        return stack[-1]
+    if _stack:
+        return _stack[-1]
     env = os.environ.get("FUSEDSTAB_BACKEND", "").strip()
     return _check_name(env) if env and env != "auto" else None
 
@@ -88,12 +89,11 @@ def get_backend() -> str | None:
 def use_backend(name: str | None):
     """Run the enclosed ops on backend ``name`` (None or "auto": automatic choice)."""
     name = None if name in (None, "auto") else _check_name(name)
-    stack = _local.__dict__.setdefault("stack", [])
-    stack.append(name)
+    _stack.append(name)
     try:
         yield
     finally:
-        stack.pop()
+        _stack.pop()
 
 
 def register(op: str, backend: str, impl: Callable, ok: Callable | None = None) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -33,18 +34,18 @@ def parse(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     a = parse(argv)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu" and argv is None and "OMP_WAIT_POLICY" not in os.environ:
+        # Spinning OpenMP workers on a 2-core machine make CPU times jump in 4 ms scheduler quanta
+        # (24 ms for a 1.5 ms LayerNorm). libgomp reads this variable only when loaded: re-exec.
+        os.environ["OMP_WAIT_POLICY"] = "passive"
+        os.execv(sys.executable, [sys.executable, "-m", "fusedstab.bench", *sys.argv[1:]])
     dtype = DTYPES[a.dtype or ("bf16" if device == "cuda" else "fp32")]
     cpu_quick = device == "cpu" and not a.full
-    # On CPU, compiling each shape's forward and backward graphs costs more than the quick run itself.
-    compile_ = not a.no_compile and not a.smoke and not (cpu_quick and a.providers is None)
+    compile_ = not a.no_compile and not a.smoke  # smoke: compile warm-up would dominate the test
     cfg = Config(device, dtype, quick=a.quick or cpu_quick, smoke=a.smoke, compile=compile_,
                  rows_n=tuple(a.n) if a.n else None, target_mib=a.size_mib)
     log = lambda s: print(s, file=sys.stderr, flush=True)
-    if not compile_ and not a.no_compile:
-        log("note: torch.compile left out of this CPU quick run (add --providers eager compile ... to time it)")
     res = run(cfg, a.ops, modes=a.modes, only=a.providers, log=log)
-    if not compile_ and not a.no_compile:
-        res["notes"].insert(0, "torch.compile left out: CPU quick/smoke run (compile warm-up dominates)")
     out = a.out or Path("benchmarks/results" if device == "cuda" else "bench-results")
     paths = write(res, out)
     print("\n\n".join(filter(None, [table(res), summary(res), notes(res)])))

@@ -25,7 +25,9 @@ from .providers import fusedstab_providers, liger, torch_providers
 EPS = 1e-5
 RMS_EPS = 1e-6
 N_FULL = (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
-N_QUICK = {"cuda": (1024, 4096, 16384), "cpu": (512, 4096)}
+N_QUICK_GPU = (1024, 4096, 16384)
+# CPU quick: the first shape is small enough for the Triton interpreter (providers.INTERPRET_MAX_ELEMS).
+CPU_QUICK = ((64, 512), (256, 4096))
 # x alone: 256 MiB on a GPU (5x an H100's 50 MB L2, 2^27 bf16 elements); a few MiB on CPU.
 TARGET_MIB = {"cuda": 256, "cpu": 4}
 
@@ -33,7 +35,9 @@ TARGET_MIB = {"cuda": 256, "cpu": 4}
 def shapes(cfg: Config) -> list[tuple[int, int]]:
     if cfg.smoke:
         return [(8, 512)]
-    ns = cfg.rows_n or (N_QUICK[cfg.device] if cfg.quick else N_FULL)
+    if cfg.device == "cpu" and cfg.quick and not cfg.rows_n:
+        return list(CPU_QUICK)
+    ns = cfg.rows_n or (N_QUICK_GPU if cfg.quick else N_FULL)
     target = (cfg.target_mib or TARGET_MIB[cfg.device]) << 20
     elt = torch.empty((), dtype=cfg.dtype).element_size()
     return [(max(1, target // (n * elt)), n) for n in ns]

@@ -22,7 +22,7 @@ def torch_providers(eager: Callable, cfg: Config) -> tuple[dict, dict]:
     provs = {"eager": Provider(eager)}
     skipped = {}
     if not cfg.compile:
-        skipped["compile"] = "torch.compile disabled (--no-compile)"
+        skipped["compile"] = "torch.compile left out (--no-compile or --smoke)"
     else:
         # fullgraph: a graph break raises (and the provider is skipped with a note) instead of
         # silently timing eager. dynamic=False: one specialised graph per shape, as users get.
@@ -48,16 +48,19 @@ def fusedstab_providers(make_fn: Callable[[object], Callable], cfg: Config, nume
         return {}, {"fusedstab-*": api}
     fs, ff, backends = api
     provs, skipped = {}, {}
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
     for name in backends:
         label = f"fusedstab-{name}"
+        if (cfg.device, name) in (("cuda", "cpu"), ("cpu", "cuda")):
+            continue
+        if cfg.device == "cpu" and name == "triton" and not interpret:
+            continue  # available for CUDA tensors only
         if cfg.device == "cpu" and name == "triton" and numel > INTERPRET_MAX_ELEMS:
             skipped[label] = f"Triton interpreter on CPU: only shapes up to {INTERPRET_MAX_ELEMS} elements"
             continue
-        if cfg.device == "cuda" and name == "cpu":
-            continue
         provs[label] = Provider(make_fn(ff), functools.partial(fs.use_backend, name))
-    if cfg.device == "cpu" and "triton" not in backends:
-        skipped["fusedstab-triton"] = "needs a GPU, or TRITON_INTERPRET=1 set before triton is imported"
+    if cfg.device == "cpu" and not interpret:
+        skipped["fusedstab-triton"] = "on CPU only through the interpreter: TRITON_INTERPRET=1 before triton import"
     return provs, skipped
 
 
@@ -69,7 +72,3 @@ def liger(module: str, attr: str, cfg: Config) -> tuple[object | None, str | Non
         return getattr(importlib.import_module(f"liger_kernel.ops.{module}"), attr), None
     except Exception as e:
         return None, f"liger-kernel not importable: {type(e).__name__}: {e}"
-
-
-def interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -14,16 +14,18 @@ def _fmt(v, spec):
 
 
 def table(res: dict) -> str:
+    flops = any("tflops" in r for r in res["rows"])  # compute-bound ops (attention) add a column
     lines, last = [], None
     for r in res["rows"]:
-        group = (r["op"], r["mode"], r["M"], r["N"])
+        group = (r["op"], r["mode"], r.get("M"), r.get("N"))
         if last is not None and group != last:
             lines.append(None)  # blank line between shapes
         last = group
-        lines.append((r["op"], r["mode"], str(r["M"]), str(r["N"]), r["provider"], _fmt(r["ms"], ".4f"),
-                      _fmt(r["gbps"], ".1f"), _fmt(r["pct_copy"], ".1f"), _fmt(r["speedup_vs_eager"], ".2f"),
-                      _fmt(r["speedup_vs_compile"], ".2f"), _fmt(r["max_rel_err"], ".1e")))
-    return _render(COLS, lines, _header(res))
+        line = (r["op"], r["mode"], str(r.get("M", "")), str(r.get("N", "")), r["provider"], _fmt(r["ms"], ".4f"),
+                _fmt(r["gbps"], ".1f"), _fmt(r["pct_copy"], ".1f"), _fmt(r["speedup_vs_eager"], ".2f"),
+                _fmt(r["speedup_vs_compile"], ".2f"), _fmt(r["max_rel_err"], ".1e"))
+        lines.append(line + ((_fmt(r.get("tflops"), ".1f"),) if flops else ()))
+    return _render(COLS + (("TFLOP/s",) if flops else ()), lines, _header(res))
 
 
 def summary(res: dict) -> str:

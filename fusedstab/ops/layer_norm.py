@@ -128,6 +128,10 @@ def _unit_cols(t: Optional[Tensor]) -> Optional[Tensor]:
     return t
 
 
+def _dense(p: Optional[Tensor]) -> Optional[Tensor]:
+    return None if p is None else p.contiguous()  # weight/bias: N elements, a copy is cheap
+
+
 @functools.lru_cache(None)
 def _num_programs(device: torch.device) -> int:
     """Programs of the persistent backward: enough to fill the GPU; few under the interpreter."""
@@ -139,6 +143,7 @@ def _num_programs(device: torch.device) -> int:
 def _fwd_triton(x, weight, bias, residual, eps, rms):
     from ..kernels import layer_norm as K
 
+    weight, bias = _dense(weight), _dense(bias)
     y, h, mean, rstd = _fwd_outputs(x, residual, rms)
     if x.numel():
         K.fwd(_unit_cols(x), _unit_cols(residual), weight, bias, y, h if residual is not None else None,
@@ -151,6 +156,7 @@ def _fwd_triton(x, weight, bias, residual, eps, rms):
 def _bwd_triton(dy, h, weight, bias, mean, rstd, dh, rms):
     from ..kernels import layer_norm as K
 
+    weight, bias = _dense(weight), _dense(bias)
     dx, dw, db = _bwd_outputs(h, weight, bias)
     if not h.numel():
         dx.zero_(), dw.zero_(), db.zero_()
