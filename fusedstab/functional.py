@@ -23,9 +23,15 @@ def _check_norm_args(name: str, input: Tensor, normalized_shape, params: dict) -
                            f"least one element, but got normalized_shape = {list(shape)}")
     if not isinstance(input, Tensor):
         raise TypeError(f"{name}(): argument 'input' must be Tensor, not {type(input).__name__}")
+    if input.dim() < len(shape) and name == "rms_norm":
+        raise ValueError(f"Input tensor must have at least {len(shape)} dimensions (normalized_shape="
+                         f"{list(shape)}), but got {input.dim()}")
     if input.dim() < len(shape) or tuple(input.shape[input.dim() - len(shape):]) != shape:
         raise RuntimeError(f"Given normalized_shape={list(shape)}, expected input with shape "
                            f"[*, {', '.join(map(str, shape))}], but got input of size{list(input.shape)}")
+    if not input.is_floating_point() and name == "layer_norm" and any(p is not None for p in params.values()):
+        raise RuntimeError("mixed dtype: all inputs must share same datatype (input is "
+                           f"{input.dtype}, a floating-point weight or bias was given)")
     if not input.is_floating_point():
         raise NotImplementedError(f'"{name}" not implemented for \'{_type_name(input.dtype)}\'')
     for pname, p in params.items():
@@ -48,10 +54,22 @@ def _type_name(dtype: torch.dtype) -> str:
             torch.complex128: "ComplexDouble"}.get(dtype, str(dtype))
 
 
+def _autocast_to_fp32(t: Tensor) -> bool:
+    return t.device.type == "cuda" and torch.is_autocast_enabled("cuda")
+
+
+def _float(p: Optional[Tensor]) -> Optional[Tensor]:
+    return None if p is None else p.float()
+
+
 def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
                bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
     """Drop-in for ``torch.nn.functional.layer_norm``, one fused kernel forward and backward."""
     shape = _check_norm_args("layer_norm", input, normalized_shape, {"weight": weight, "bias": bias})
+    if _autocast_to_fp32(input):
+        # CUDA autocast runs layer_norm in fp32 (its fp32 op list): same numbers and output dtype.
+        with torch.autocast("cuda", enabled=False):
+            return layer_norm(input.float(), shape, _float(weight), _float(bias), eps)
     return LayerNormFunction.apply(input, shape, weight, bias, float(eps))
 
 

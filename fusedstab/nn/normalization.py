@@ -15,5 +15,5 @@ class LayerNorm(torch.nn.LayerNorm):
 class RMSNorm(torch.nn.RMSNorm):
     """``torch.nn.RMSNorm`` computed by fusedstab's fused kernels."""
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # torch names it x here
+        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)

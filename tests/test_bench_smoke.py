@@ -1,0 +1,57 @@
+"""The benchmark harness end to end: `python -m fusedstab.bench --smoke` in a subprocess
+(one tiny shape per op, every mode, no torch.compile), then its JSON and table are checked."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fusedstab.bench import MODES, OPS
+from fusedstab.bench.norms import bytes_model
+
+ROOT = Path(__file__).resolve().parents[1]
+ROW_KEYS = {"op", "mode", "provider", "M", "N", "dtype", "ms", "bytes", "gbps", "pct_copy",
+            "speedup_vs_eager", "speedup_vs_compile", "max_rel_err"}
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_bench_smoke(tmp_path, device):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    p = subprocess.run([sys.executable, "-m", "fusedstab.bench", "--smoke", "--device", device, "--out", str(tmp_path)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "[1/" in p.stderr  # progress lines
+    (js,) = tmp_path.glob("*.json")
+    assert (tmp_path / (js.stem + ".txt")).read_text().startswith(p.stdout.splitlines()[0])
+    res = json.loads(js.read_text())
+    for k in ("device_name", "torch", "triton", "python", "date", "dtype"):
+        assert res["meta"][k], k
+    assert res["copy_bandwidth"]["gbps"] > 0
+    rows = res["rows"]
+    assert {r["op"] for r in rows} == set(OPS)
+    assert {r["mode"] for r in rows} == set(MODES)
+    provs = {r["provider"] for r in rows}
+    assert "fusedstab-torch" in provs
+    if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":  # tests/conftest.py sets it on CPU
+        assert "fusedstab-triton" in provs
+    for r in rows:
+        assert ROW_KEYS <= r.keys()
+        assert r["ms"] > 0 and r["gbps"] > 0 and r["bytes"] > 0
+        if r["provider"] == "eager":
+            assert r["speedup_vs_eager"] == 1.0
+    # every provider ran and agreed with eager (the runner turns failures and mismatches into notes)
+    bad = [n for n in res["notes"] if "failed:" in n or "differs from eager" in n]
+    assert not bad, bad
+
+
+def test_bytes_model():
+    M, N, e = 4096, 1024, 2  # bf16 x and weight; fp32 statistics
+    act = M * N * e
+    assert bytes_model(M, N, e, e) == {"fwd": 2 * act + 2 * N * e + 8 * M, "bwd": 3 * act + 3 * N * e + 8 * M,
+                                       "fwd+bwd": 5 * act + 5 * N * e + 16 * M}
+    rms = bytes_model(M, N, e, e, rms=True)
+    assert rms["fwd"] == 2 * act + N * e + 4 * M and rms["bwd"] == 3 * act + 2 * N * e + 4 * M
+    add = bytes_model(M, N, e, e, add=True)
+    assert add["fwd"] == 4 * act + 2 * N * e + 8 * M and add["bwd"] == 4 * act + 3 * N * e + 8 * M
