@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedstab
+from fusedstab import backend as fs_backend
 from fusedstab import functional as FS
 from fusedstab import reference
 from fusedstab.kernels import layer_norm as K
@@ -28,6 +29,16 @@ from helpers import DEVICES, assert_matches, assert_same_nonfinite, device_dtype
 BACKENDS = ("triton", "torch")
 OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
 LN_EPS = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _triton_on_cpu_needs_interpreter(request):
+    """The triton backend serves CPU tensors only through the interpreter: on a GPU machine (no
+    TRITON_INTERPRET) the cpu/triton cases are skipped and the cuda ones run."""
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    if params.get("backend") == "triton" and params.get("device", "cpu") == "cpu" \
+            and not fs_backend.triton_interpret():
+        pytest.skip("triton backend on CPU tensors needs TRITON_INTERPRET=1")
 
 
 def _rms_eps(dtype):
@@ -273,8 +284,9 @@ GRADCHECK_CASES = [((4,), (5,)), ((2, 3), (2, 3)), ((3,), (1,))]
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("lead,ns", GRADCHECK_CASES, ids=["4-5", "2x3-2x3", "3-1"])
 @pytest.mark.parametrize("affine", [(True, True), (False, False)], ids=["affine", "plain"])
-def test_gradcheck(backend, op, lead, ns, affine):
-    (x, r, w, b), _ = make_inputs(op, lead, ns, torch.float64, "cpu", affine=affine)
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck(backend, op, lead, ns, affine, device):
+    (x, r, w, b), _ = make_inputs(op, lead, ns, torch.float64, device, affine=affine)
     inputs = [t.requires_grad_() for t in (x, r, w, b) if t is not None]
     has_r, has_w, has_b = r is not None, w is not None, b is not None
 
@@ -290,9 +302,10 @@ def test_gradcheck(backend, op, lead, ns, affine):
         assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["triton"])
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("n", [19, 1])
-def test_gradcheck_chunked_kernels(monkeypatch, op, n):
+def test_gradcheck_chunked_kernels(monkeypatch, backend, op, n):
     """The chunked (long-row) kernels in float64 at a tiny chunk length: several chunks, a partial
     last one, and more rows than backward programs (the per-program partial sums accumulate)."""
     monkeypatch.setattr(K, "MAX_FUSED_FWD", 0)
@@ -314,9 +327,10 @@ def test_gradcheck_chunked_kernels(monkeypatch, op, n):
         assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
 
 
+@pytest.mark.parametrize("backend", ["triton"])
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("n", [37, 4096, 4097])
-def test_chunked_kernels_small_chunks(monkeypatch, op, n):
+def test_chunked_kernels_small_chunks(monkeypatch, backend, op, n):
     """Chunked kernels (forced, chunk 512) against torch in fp32: chunk-combine of the statistics."""
     monkeypatch.setattr(K, "MAX_FUSED_FWD", 0)
     monkeypatch.setattr(K, "MAX_FUSED_BWD", 0)
@@ -362,27 +376,33 @@ def test_strided_inputs(backend, op, kind, n, device):
     compare(op, backend, (x, r, w, b), douts, (n,), f"{op}[{backend}] {kind}")
 
 
+def _strided_param(kind, ns, device, shift=0.0, mult=1.0):
+    if kind == "every_other":  # a view of every other element of a buffer
+        return (shift + mult * torch.randn(2 * math.prod(ns), device=device))[::2].view(ns)
+    if kind == "expanded":  # one value broadcast: stride 0
+        return (shift + mult * torch.randn((1,) * len(ns), device=device)).expand(ns)
+    if kind == "transposed":  # 2-D parameter, column-major
+        return (shift + mult * torch.randn(ns[::-1], device=device)).t()
+    raise ValueError(kind)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("kind,ns", [("every_other", (33,)), ("expanded", (33,)), ("transposed", (3, 11)),
+                                     ("every_other", (20000,))], ids=["every_other", "expanded",
+                                                                       "transposed2d", "every_other-N20000"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_strided_weight_and_bias(backend, op, device):
-    """Weight and bias that are views with a stride (every other element of a buffer)."""
-    n, m = 33, 6
-    x = torch.randn(m, n, device=device)
-    r = torch.randn(m, n, device=device) if op.startswith("add_") else None
-    w = (1 + 0.5 * torch.randn(2 * n, device=device))[::2]
-    b = (0.5 * torch.randn(2 * n, device=device))[1::2] if "rms" not in op else None
+def test_strided_weight_and_bias(backend, op, kind, ns, device):
+    """Weight and bias that are non-contiguous views (torch accepts any strides)."""
+    m = 6
+    x = torch.randn(m, *ns, device=device)
+    r = torch.randn(m, *ns, device=device) if op.startswith("add_") else None
+    w = _strided_param(kind, ns, device, 1.0, 0.5)
+    b = _strided_param(kind, ns, device, 0.0, 0.5) if "rms" not in op else None
     assert not w.is_contiguous()
-    dy = torch.randn(m, n, device=device)
-    douts = (dy,) if r is None else (dy, torch.randn(m, n, device=device))
-    inputs = (x, r, w, b)
-    got, gg = run(lambda *a: fs_call(op, *a, (n,)), [leaf(t) for t in inputs], douts, backend)
-    eager, ge = run(lambda *a: torch_call(op, *a, (n,)), [leaf(t) for t in inputs], douts)
-    for i, (g, e) in enumerate(zip(got, eager)):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=lambda s: f"{op}[{backend}] out{i}: {s}")
-    for name, g, e in zip(("dx", "dres", "dw", "db"), gg, ge):
-        if g is not None:
-            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=lambda s: f"{op}[{backend}] {name}: {s}")
+    dy = torch.randn(m, *ns, device=device)
+    douts = (dy,) if r is None else (dy, torch.randn(m, *ns, device=device))
+    compare(op, backend, (x, r, w, b), douts, ns, f"{op}[{backend}] {kind} weight/bias")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -506,10 +526,11 @@ def test_single_row(backend, op, n, device, dtype):
 
 
 # ----------------------------------------------------------------------------- determinism, eps
+@pytest.mark.parametrize("backend", ["triton"])
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("m,n", [(200, 31), (9, 20000)])
 @pytest.mark.parametrize("device", DEVICES)
-def test_backward_deterministic(op, m, n, device):
+def test_backward_deterministic(backend, op, m, n, device):
     """Two backward runs give bitwise identical dx, dweight, dbias (no atomics; fixed reduction order)."""
     x = torch.randn(m, n, device=device)
     r = torch.randn(m, n, device=device) if op.startswith("add_") else None

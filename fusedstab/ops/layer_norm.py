@@ -71,33 +71,23 @@ def _(dy, h, weight, bias, mean, rstd, dh, rms):
 
 # ----------------------------------------------------------------------------- torch backend
 def _fwd_torch(x, weight, bias, residual, eps, rms):
-    y, h, mean, rstd = _fwd_outputs(x, residual, rms)
-    if x.numel():
-        y_, h_, mean_, rstd_ = reference.norm_fwd(x, weight, bias, residual, eps, rms)
-        y.copy_(y_)
-        rstd.copy_(rstd_)
-        if h_ is not None:
-            h.copy_(h_)
-        if mean_ is not None:
-            mean.copy_(mean_)
-    else:
+    if not x.numel():
+        y, h, mean, rstd = _fwd_outputs(x, residual, rms)
         _fill_empty_stats(mean, rstd)
-    return y, h, mean, rstd
+        return y, h, mean, rstd
+    y, h, mean, rstd = reference.norm_fwd(x, weight, bias, residual, eps, rms)
+    # The reference's outputs are fresh tensors (never views of the inputs), as custom ops require.
+    return (y.contiguous(), x.new_empty(_EMPTY, dtype=_h_dtype(x, residual)) if h is None else h.contiguous(),
+            x.new_empty(_EMPTY, dtype=rstd.dtype) if mean is None else mean, rstd)
 
 
 def _bwd_torch(dy, h, weight, bias, mean, rstd, dh, rms):
-    dx, dw, db = _bwd_outputs(h, weight, bias)
-    if h.numel():
-        dx_, dw_, db_ = reference.norm_bwd(dy, h, weight, None if rms else mean, rstd, dh, rms,
-                                           bias is not None)
-        dx.copy_(dx_)
-        if weight is not None:
-            dw.copy_(dw_)
-        if bias is not None:
-            db.copy_(db_)
-    else:
-        dx.zero_(), dw.zero_(), db.zero_()
-    return dx, dw, db
+    if not h.numel():
+        dx, dw, db = _bwd_outputs(h, weight, bias)
+        return dx.zero_(), dw.zero_(), db.zero_()
+    dx, dw, db = reference.norm_bwd(dy, h, weight, None if rms else mean, rstd, dh, rms, bias is not None)
+    return (dx.contiguous(), h.new_empty(_EMPTY) if dw is None else dw.to(weight.dtype),
+            h.new_empty(_EMPTY) if db is None else db.to(bias.dtype))
 
 
 def _fill_empty_stats(mean, rstd):
