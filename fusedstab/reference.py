@@ -88,3 +88,39 @@ def add_layer_norm(x: Tensor, residual: Tensor, normalized_shape, weight=None, b
     b = None if bias is None else bias.reshape(-1)
     y, h, _, _ = norm_fwd(_rows(x, normalized_shape), w, b, _rows(residual, normalized_shape), eps, rms)
     return y.reshape(x.shape), h.reshape(x.shape)
+
+
+# ----------------------------------------------------------------------------- multi-tensor norm / scale
+def multi_tensor_norm(tensors: list[Tensor], norm_type: float) -> Tensor:
+    """Per-tensor reduction that global norms combine: sum |x|^p for finite p != 0, max |x| for inf,
+    min |x| for -inf, the count of nonzeros for p = 0. Accumulation dtype, shape (len(tensors),)."""
+    acc = acc_dtype(tensors[0].dtype) if tensors else torch.float32
+    out = []
+    for t in tensors:
+        a = t.abs().to(acc).reshape(-1)
+        if norm_type == float("inf"):
+            out.append(a.amax() if a.numel() else _no_identity(norm_type))
+        elif norm_type == float("-inf"):
+            out.append(a.amin() if a.numel() else _no_identity(norm_type))
+        elif norm_type == 0:
+            out.append((a != 0).sum().to(acc))
+        else:
+            out.append(a.pow(norm_type).sum())
+    device = tensors[0].device if tensors else None
+    return torch.stack(out) if out else torch.zeros(0, dtype=acc, device=device)
+
+
+def _no_identity(norm_type: float):
+    raise RuntimeError(f"cannot compute the {norm_type} norm on an empty tensor because the operation "
+                       "does not have an identity")
+
+
+def multi_tensor_scale_(tensors: list[Tensor], coef: Tensor, zero_nonfinite: bool) -> None:
+    """t *= coef for every tensor, in place. With ``zero_nonfinite``, coef == 0 sets t to exactly
+    zero (NaN/Inf included): the no-sync way to skip an update."""
+    for t in tensors:
+        c = coef.to(t.device)
+        if zero_nonfinite:
+            t.copy_(torch.where(c == 0, torch.zeros_like(t), t * c))
+        else:
+            t.mul_(c)

@@ -1,2 +1,3 @@
 """torch.library custom ops in the ``fusedstab`` namespace, one module per op family."""
-from . import layer_norm  # noqa: F401  (registers fusedstab::layer_norm_fwd / _bwd)
+from . import layer_norm  # noqa: F401  (fusedstab::layer_norm_fwd / _bwd)
+from . import multi_tensor  # noqa: F401  (fusedstab::multi_tensor_norm / _scale_)
