@@ -119,20 +119,23 @@ def get_total_norm(tensors: _tensor_or_tensors, norm_type: float = 2.0, error_if
         op = {float("inf"): dist.ReduceOp.MAX, float("-inf"): dist.ReduceOp.MIN}.get(norm_type, dist.ReduceOp.SUM)
         dist.all_reduce(red, op=op, group=group)
     if norm_type == float("inf"):
-        total, norms = red.max(), red
+        total = red.max()
     elif norm_type == float("-inf"):
-        total, norms = red.min(), red
+        total = red.min()
     elif norm_type == 0.0:
-        total, norms = (red != 0).sum().to(red.dtype), red  # torch: the 0-"norm" of the per-tensor norms
+        total = (red != 0).sum().to(red.dtype)  # torch: the 0-"norm" of the per-tensor norms
     else:
-        total, norms = red.sum().pow(1.0 / norm_type), red.pow(1.0 / norm_type)
+        total = red.sum().pow(1.0 / norm_type)
     total = total.to(out_dtype)
     if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):
         raise RuntimeError(
             f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it "
             "cannot be clipped. To disable this error and scale the gradients by the non-finite norm "
             "anyway, set `error_if_nonfinite=False`")
-    return (total, norms) if return_per_tensor else total
+    if not return_per_tensor:
+        return total
+    finite_p = norm_type not in (0.0, float("inf"), float("-inf"))
+    return total, (red.pow(1.0 / norm_type) if finite_p else red)
 
 
 @torch.no_grad()
