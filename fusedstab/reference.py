@@ -83,7 +83,7 @@ def add_layer_norm(x: Tensor, residual: Tensor, normalized_shape, weight=None, b
                    eps: float = 1e-5, rms: bool = False):
     """(norm(x + residual), x + residual): the pre-norm block's fused residual add."""
     if rms and eps is None:
-        eps = torch.finfo(acc_dtype(x.dtype)).eps
+        eps = torch.finfo(acc_dtype(torch.promote_types(x.dtype, residual.dtype))).eps
     w = None if weight is None else weight.reshape(-1)
     b = None if bias is None else bias.reshape(-1)
     y, h, _, _ = norm_fwd(_rows(x, normalized_shape), w, b, _rows(residual, normalized_shape), eps, rms)
