@@ -1,6 +1,7 @@
 """The benchmark harness end to end: `python -m fusedstab.bench --smoke` in a subprocess
 (one tiny shape per op, every mode, no torch.compile), then its JSON and table are checked."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -9,11 +10,13 @@ from pathlib import Path
 import pytest
 
 from fusedstab.bench import MODES, OPS
+from fusedstab.bench import clip as clip_bench
 from fusedstab.bench.norms import bytes_model
 
 ROOT = Path(__file__).resolve().parents[1]
-ROW_KEYS = {"op", "mode", "provider", "M", "N", "dtype", "ms", "bytes", "gbps", "pct_copy",
+ROW_KEYS = {"op", "mode", "provider", "dtype", "ms", "bytes", "gbps", "pct_copy",
             "speedup_vs_eager", "speedup_vs_compile", "max_rel_err"}
+SHAPE_KEYS = {"clip_grad_norm": {"model", "tensors", "numel"}}  # every other op: rows of N, M of them
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -37,7 +40,11 @@ def test_bench_smoke(tmp_path, device):
     if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":  # tests/conftest.py sets it on CPU
         assert "fusedstab-triton" in provs
     for r in rows:
-        assert ROW_KEYS <= r.keys()
+        assert ROW_KEYS | SHAPE_KEYS.get(r["op"], {"M", "N"}) <= r.keys(), r
+        if device == "cuda" and r["op"] == "clip_grad_norm":
+            assert r["launches"] is None or r["launches"] > 0
+            if r["provider"].startswith("fusedstab") or r["provider"] == "eager":
+                assert r["syncs"] == 0, r  # the no-sync claim, measured by the harness
         assert r["ms"] > 0 and r["gbps"] > 0 and r["bytes"] > 0
         if r["provider"] == "eager":
             assert r["speedup_vs_eager"] == 1.0
@@ -55,3 +62,13 @@ def test_bytes_model():
     assert rms["fwd"] == 2 * act + N * e + 4 * M and rms["bwd"] == 3 * act + 2 * N * e + 4 * M
     add = bytes_model(M, N, e, e, add=True)
     assert add["fwd"] == 4 * act + 2 * N * e + 8 * M and add["bwd"] == 4 * act + 3 * N * e + 8 * M
+
+
+def test_clip_bytes_model_and_lists():
+    assert clip_bench.bytes_model(1000, 2) == {"norm": 2000, "clip": 6000}  # read; read, read + write
+    gpt2 = clip_bench.transformer(50257, 1024, 768, 12)
+    assert len(gpt2) == 148 and sum(math.prod(s) for s in gpt2) == 124_439_808  # GPT-2 small
+    big = clip_bench.transformer(50257, 2048, 2048, 24)
+    assert 1.2e9 < sum(math.prod(s) for s in big) < 1.4e9
+    mixed = clip_bench.mixed(1000, 16, 1 << 20)
+    assert len(mixed) == 1000 and all(16 <= math.prod(s) <= 1 << 20 for s in mixed)

@@ -2,7 +2,7 @@
 
 Layout: ``case.py`` (Case, Provider, Config), ``timing.py`` (timers, copy bandwidth),
 ``providers.py`` (eager / torch.compile / fusedstab backends / peers), one module per op family
-(``norms.py``), ``runner.py`` (runs cases into result rows), ``report.py`` (table, JSON, plot).
+(``norms.py``, ``clip.py``), ``runner.py`` (runs cases into result rows), ``report.py`` (table, JSON, plot).
 
 To add an op: write ``fusedstab/bench/<family>.py`` with a function ``cfg -> list[Case]`` and add
 it to ``OPS`` below. Modules are imported lazily so that one broken op never stops the others.
@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import importlib
 
-from .case import MODES, Case, Config, Provider
+from .case import AUTOGRAD_MODES, CLIP_MODES, MODES, Case, Config, Provider
 
 OPS = {
     "layer_norm": "fusedstab.bench.norms:layer_norm",
     "rms_norm": "fusedstab.bench.norms:rms_norm",
     "add_layer_norm": "fusedstab.bench.norms:add_layer_norm",
+    "clip_grad_norm": "fusedstab.bench.clip:clip_grad_norm",
 }
 
 
@@ -25,4 +26,4 @@ def load_cases(op: str, cfg: Config) -> list[Case]:
     return getattr(importlib.import_module(module), fn)(cfg)
 
 
-__all__ = ["MODES", "OPS", "Case", "Config", "Provider", "load_cases"]
+__all__ = ["AUTOGRAD_MODES", "CLIP_MODES", "MODES", "OPS", "Case", "Config", "Provider", "load_cases"]

@@ -2,6 +2,10 @@
 
 A new op family (GroupNorm, attention, grad clipping, ...) adds a module next to ``norms.py`` with a
 function ``cases(op, cfg) -> list[Case]`` and one line in ``fusedstab.bench.OPS``.
+
+Modes: autograd ops are timed forward, backward, and both (``AUTOGRAD_MODES``, the default). An op
+that is no autograd function declares its own modes and how a provider is called in each (the case's
+``thunk``), e.g. gradient clipping: "norm" (the total norm only) and "clip" (the whole clip).
 """
 from __future__ import annotations
 
@@ -11,7 +15,9 @@ from typing import Callable, ContextManager
 
 import torch
 
-MODES = ("fwd", "bwd", "fwd+bwd")
+AUTOGRAD_MODES = ("fwd", "bwd", "fwd+bwd")
+CLIP_MODES = ("norm", "clip")  # fusedstab.bench.clip
+MODES = AUTOGRAD_MODES + CLIP_MODES  # every mode some case may declare (the CLI's choices)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -35,6 +41,7 @@ class Provider:
 
     fn: Callable
     context: Callable[[], ContextManager] = contextlib.nullcontext
+    modes: tuple[str, ...] | None = None  # the case's modes this provider serves; None: all of them
 
 
 @dataclass
@@ -47,7 +54,11 @@ class Case:
     bytes_moved: dict[str, int]  # mode -> fewest bytes (each input read once, each output written once)
     flops: dict[str, int] | None = None  # mode -> flops, for compute-bound ops (attention, matmul)
     skipped: dict[str, str] = field(default_factory=dict)  # provider -> why it is not in this case
-    modes: tuple[str, ...] = MODES
+    modes: tuple[str, ...] = AUTOGRAD_MODES
+    thunk: Callable[[Callable, list, list, str], Callable[[], object]] | None = None
+    """``(provider fn, inputs, grads, mode) -> zero-argument callable`` that is timed; its first call's
+    result is checked against eager's. None: ``timing.make_thunk`` (the autograd modes)."""
+    count_launches: bool = False  # on CUDA: count kernel launches and host syncs of one call per row
 
     @property
     def label(self) -> str:

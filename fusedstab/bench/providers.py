@@ -16,6 +16,8 @@ from .case import Config, Provider
 
 # The Triton interpreter runs program by program on CPU: only shapes this small are worth timing.
 INTERPRET_MAX_ELEMS = 1 << 16
+# ... and only calls of this few programs (multi-tensor ops launch about one per tensor).
+INTERPRET_MAX_PROGRAMS = 256
 
 
 def torch_providers(eager: Callable, cfg: Config) -> tuple[dict, dict]:
@@ -41,8 +43,11 @@ def fusedstab_api():
         return f"fusedstab not importable: {type(e).__name__}: {e}"
 
 
-def fusedstab_providers(make_fn: Callable[[object], Callable], cfg: Config, numel: int) -> tuple[dict, dict]:
-    """One provider per usable fusedstab backend; ``make_fn(functional_module)`` -> callable."""
+def fusedstab_providers(make_fn: Callable[[object], Callable], cfg: Config, numel: int,
+                        programs: int | None = None) -> tuple[dict, dict]:
+    """One provider per usable fusedstab backend; ``make_fn(functional_module)`` -> callable.
+    ``programs``: about how many Triton programs one call runs, where that (not ``numel``) is what
+    makes the interpreter slow (a list of many small tensors)."""
     api = fusedstab_api()
     if isinstance(api, str):
         return {}, {"fusedstab-*": api}
@@ -57,6 +62,9 @@ def fusedstab_providers(make_fn: Callable[[object], Callable], cfg: Config, nume
             continue  # available for CUDA tensors only
         if cfg.device == "cpu" and name == "triton" and numel > INTERPRET_MAX_ELEMS:
             skipped[label] = f"Triton interpreter on CPU: only shapes up to {INTERPRET_MAX_ELEMS} elements"
+            continue
+        if cfg.device == "cpu" and name == "triton" and (programs or 0) > INTERPRET_MAX_PROGRAMS:
+            skipped[label] = f"Triton interpreter on CPU: only calls of up to {INTERPRET_MAX_PROGRAMS} programs"
             continue
         provs[label] = Provider(make_fn(ff), functools.partial(fs.use_backend, name))
     if cfg.device == "cpu" and not interpret:

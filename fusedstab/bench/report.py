@@ -6,26 +6,47 @@ import math
 import re
 from pathlib import Path
 
-COLS = ("op", "mode", "M", "N", "provider", "ms", "GB/s", "%copy", "x eager", "x compile", "err")
+COLS = ("op", "mode", "provider", "ms", "GB/s", "%copy", "x eager", "x compile", "err")
+# Row fields that are no case parameter; the rest (M, N for norms; model, tensors, numel for clipping)
+# become the shape columns of the table, one section per set of parameter names.
+ROW_FIELDS = {"op", "case", "mode", "provider", "dtype", "ms", "bytes", "max_rel_err", "tflops", "gbps",
+              "pct_copy", "speedup_vs_eager", "speedup_vs_compile", "launches", "syncs"}
 
 
 def _fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
 
+def shape_keys(row: dict) -> tuple[str, ...]:
+    return tuple(k for k in row if k not in ROW_FIELDS)
+
+
 def table(res: dict) -> str:
-    flops = any("tflops" in r for r in res["rows"])  # compute-bound ops (attention) add a column
-    lines, last = [], None
+    sections: dict = {}
     for r in res["rows"]:
-        group = (r["op"], r["mode"], r.get("M"), r.get("N"))
+        sections.setdefault(shape_keys(r), []).append(r)
+    if not sections:
+        return _render(COLS, [], _header(res))
+    return "\n\n".join(_section(rows, keys, _header(res) if i == 0 else "")
+                        for i, (keys, rows) in enumerate(sections.items()))
+
+
+def _section(rows: list[dict], keys: tuple[str, ...], title: str) -> str:
+    extra = [(name, key, spec) for name, key, spec in (("TFLOP/s", "tflops", ".1f"), ("launches", "launches", "d"),
+                                                       ("syncs", "syncs", "d"))
+             if any(r.get(key) is not None for r in rows)]  # compute-bound ops, CUDA launch counts
+    lines, last = [], None
+    for r in rows:
+        group = (r["op"], r["mode"], *(r.get(k) for k in keys))
         if last is not None and group != last:
             lines.append(None)  # blank line between shapes
         last = group
-        line = (r["op"], r["mode"], str(r.get("M", "")), str(r.get("N", "")), r["provider"], _fmt(r["ms"], ".4f"),
+        line = (r["op"], r["mode"], *(str(r.get(k, "")) for k in keys), r["provider"], _fmt(r["ms"], ".4f"),
                 _fmt(r["gbps"], ".1f"), _fmt(r["pct_copy"], ".1f"), _fmt(r["speedup_vs_eager"], ".2f"),
                 _fmt(r["speedup_vs_compile"], ".2f"), _fmt(r["max_rel_err"], ".1e"))
-        lines.append(line + ((_fmt(r.get("tflops"), ".1f"),) if flops else ()))
-    return _render(COLS + (("TFLOP/s",) if flops else ()), lines, _header(res))
+        lines.append(line + tuple(_fmt(r.get(key), spec) for _, key, spec in extra))
+    cols = COLS[:2] + keys + COLS[2:] + tuple(name for name, _, _ in extra)
+    return _render(cols, lines, title)
 
 
 def summary(res: dict) -> str:
@@ -47,7 +68,7 @@ def summary(res: dict) -> str:
             pct = sorted(r["pct_copy"] for r in rs)[len(rs) // 2]
             cells.append(f"{_fmt(gm, '.2f')}x {pct:.0f}%")
         lines.append((op, mode, *cells))
-    title = "summary: geomean speedup vs eager, median % of copy bandwidth, over row lengths"
+    title = "summary: geomean speedup vs eager, median % of copy bandwidth, over the shapes of each op"
     return _render(("op", "mode", *provs), lines, title)
 
 
@@ -61,7 +82,7 @@ def _render(cols, lines, title) -> str:
     rows = [l for l in lines if l is not None]
     w = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(cols)]
     fmt = lambda r: "  ".join(s.rjust(w[i]) if i >= 2 else s.ljust(w[i]) for i, s in enumerate(r)).rstrip()
-    out = [title, fmt(cols), fmt(["-" * x for x in w])]
+    out = ([title] if title else []) + [fmt(cols), fmt(["-" * x for x in w])]
     out += ["" if l is None else fmt(l) for l in lines]
     return "\n".join(out)
 
@@ -107,16 +128,19 @@ def plot(res: dict, path: Path) -> Path | None:
         for j, mode in enumerate(modes):
             ax = axes[i][j]
             rs = [r for r in res["rows"] if r["op"] == op and r["mode"] == mode]
+            xkey = "N" if any("N" in r for r in rs) else "numel"  # norms: row length; clipping: elements
             for p in dict.fromkeys(r["provider"] for r in rs):
-                pts = sorted((r["N"], r["gbps"]) for r in rs if r["provider"] == p)
-                ax.plot(*zip(*pts), marker="o", label=p)
+                pts = sorted((r[xkey], r["gbps"]) for r in rs if r["provider"] == p and xkey in r)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=p)
             ax.axhline(copy, color="gray", ls="--", lw=1, label="copy")
             ax.set_xscale("log", base=2)
             ax.set_title(f"{op} {mode}", fontsize=10)
-            ax.set_xlabel("N (row length)")
+            ax.set_xlabel("N (row length)" if xkey == "N" else "elements in the parameter list")
             ax.set_ylabel("GB/s")
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    for row in axes:  # one legend per op: the op families have different providers
+        row[0].legend(fontsize=8)
     m = res["meta"]
     fig.suptitle(f"{m['device_name']}, {m['dtype']}, {m['date'][:10]}", fontsize=11)
     fig.tight_layout()

@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+import warnings
 
 import torch
 
@@ -30,13 +31,15 @@ def run(cfg: Config, ops: list[str], modes=None, only=None, log=print) -> dict:
             notes[f"{op}: cases failed: {type(e).__name__}: {e}"] = None
     plan = [(c, [m for m in c.modes if not modes or m in modes],
              [p for p in c.providers if not only or p in only or p == "eager"]) for c in cases]
-    total, i, rows = sum(len(ms) * len(ps) for _, ms, ps in plan), 0, []
+    serves = lambda case, name, mode: case.providers[name].modes is None or mode in case.providers[name].modes
+    total = sum(serves(c, p, m) for c, ms, ps in plan for m in ms for p in ps)
+    i, rows = 0, []
     for case, case_modes, names in plan:
         if "compile" in names:
             torch._dynamo.reset()  # fresh cache per shape: never hit the recompile limit and fall back
         for mode in case_modes:
             ref = None  # eager runs first in each (case, mode) and is the reference
-            for name in names:
+            for name in (n for n in names if serves(case, n, mode)):
                 i += 1
                 prefix = f"[{i}/{total}] {case.label} {mode} {name}:"
                 try:
@@ -57,7 +60,9 @@ def run(cfg: Config, ops: list[str], modes=None, only=None, log=print) -> dict:
                     notes[f"{name} {mode} {case.label}: output differs from eager "
                           f"(max rel err {err:.2e} > {TOL[cfg.dtype]:.0e})"] = None
                 log(f"{prefix} {row['ms']:.4f} ms {row['gbps']:.1f} GB/s ({row['pct_copy']:.0f}% of copy)"
-                    + ("" if err is None else f" err {err:.1e}"))
+                    + ("" if err is None else f" err {err:.1e}")
+                    + (f" {row['launches']} launches" if row.get("launches") is not None else "")
+                    + (f" {row['syncs']} syncs" if row.get("syncs") else ""))
     _speedups(rows)
     if cfg.device == "cpu":
         notes["CPU: these inputs fit in cache, so % of copy bandwidth (out of cache) can pass 100"] = None
@@ -72,15 +77,43 @@ def _measure(case: Case, mode: str, name: str, cfg: Config, ref):
     prov = case.providers[name]
     with prov.context():  # around building, the first call and timing: backward dispatches too
         inputs, grads = case.make_inputs()
-        thunk = make_thunk(prov.fn, inputs, grads, mode)
+        thunk = (case.thunk or make_thunk)(prov.fn, inputs, grads, mode)
         out = as_tuple(thunk())  # first call: compiles, and its result is checked against eager
         err = None if ref is None else _rel_err(out, ref)
         ms = time_ms(thunk, cfg.device, quick=cfg.quick or cfg.smoke)
+        work = launches_and_syncs(thunk) if case.count_launches and cfg.device == "cuda" else None
     row = {"op": case.op, "case": case.label, "mode": mode, "provider": name, **case.params, "ms": ms,
            "bytes": case.bytes_moved[mode], "max_rel_err": err}
+    if work is not None:
+        row["launches"], row["syncs"] = work
     if case.flops:
         row["tflops"] = case.flops[mode] / ms / 1e9
     return row, out
+
+
+def launches_and_syncs(thunk) -> tuple[int | None, int]:
+    """Device work items (kernels, memcpys, memsets) one warm call of ``thunk`` puts on the GPU, by
+    the profiler (None where it cannot tell), and the host syncs it makes (sync debug warnings)."""
+    torch.cuda.synchronize()
+    launches = None
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            thunk()
+            torch.cuda.synchronize()
+        launches = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    except Exception:  # no CUPTI, or a profiler that can't run here
+        pass
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            thunk()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return launches, sum("synchroniz" in str(w.message) for w in seen)
 
 
 def _rel_err(out, ref) -> float:

@@ -64,11 +64,12 @@ def _finish(acc, nan, REDUCE: tl.constexpr):
 
 
 @triton.jit
-def _norm_chunks_kernel(ADDR, START, LEN, PARTIAL, p, DTYPE: tl.constexpr, ACC_T: tl.constexpr,
+def _norm_chunks_kernel(ADDR, START, LEN, PARTIAL, p_hi, p_lo, DTYPE: tl.constexpr, ACC_T: tl.constexpr,
                         REDUCE: tl.constexpr, BLOCK: tl.constexpr):
     c = tl.program_id(0)
     ptr = _chunk_ptr(ADDR, START, c, DTYPE)
     n = tl.load(LEN + c)
+    p = tl.cast(p_hi, ACC_T) + tl.cast(p_lo, ACC_T)  # float arguments arrive as fp32: p in two parts for fp64
     if REDUCE == MIN:
         acc = tl.full([BLOCK], float("inf"), ACC_T)
     else:
@@ -120,16 +121,16 @@ def _per_tensor_kernel(PARTIAL, OFFSETS, OUT, REDUCE: tl.constexpr, BLOCK: tl.co
 
 
 @triton.jit
-def _scale_chunks_kernel(ADDR, START, LEN, COEF, DTYPE: tl.constexpr, ZERO_NONFINITE: tl.constexpr,
-                         BLOCK: tl.constexpr):
+def _scale_chunks_kernel(ADDR, START, LEN, COEF, DTYPE: tl.constexpr, ACC_T: tl.constexpr,
+                         ZERO_NONFINITE: tl.constexpr, BLOCK: tl.constexpr):
     c = tl.program_id(0)
     ptr = _chunk_ptr(ADDR, START, c, DTYPE)
     n = tl.load(LEN + c)
-    coef = tl.load(COEF).to(tl.float32)
+    coef = tl.load(COEF).to(ACC_T)
     for s in range(0, n, BLOCK):
         o = s + tl.arange(0, BLOCK)
         m = o < n
-        g = tl.load(ptr + o, mask=m).to(tl.float32) * coef
+        g = tl.load(ptr + o, mask=m).to(ACC_T) * coef
         if ZERO_NONFINITE:
             g = tl.where(coef == 0, 0.0, g)  # 0 * NaN would stay NaN
         tl.store(ptr + o, g.to(DTYPE), mask=m)
@@ -181,8 +182,10 @@ def norm(tensors, norm_type: float, acc_dtype: torch.dtype) -> torch.Tensor:
     device = tensors[0].device
     kind = reduce_kind(norm_type)
     partial = torch.empty(tab.num_chunks, dtype=acc_dtype, device=device)
+    p_hi = float(np.float32(norm_type)) if kind == POW else 0.0
+    p_lo = float(norm_type) - p_hi if kind == POW else 0.0
     _norm_chunks_kernel[(tab.num_chunks,)](
-        tab.addr, tab.start, tab.length, partial, float(norm_type), DTYPE=_TL[tensors[0].dtype],
+        tab.addr, tab.start, tab.length, partial, p_hi, p_lo, DTYPE=_TL[tensors[0].dtype],
         ACC_T=_TL[acc_dtype], REDUCE=kind, BLOCK=BLOCK, num_warps=8)
     out = torch.empty(tab.num_tensors, dtype=acc_dtype, device=device)
     _per_tensor_kernel[(tab.num_tensors,)](partial, tab.offsets, out, REDUCE=kind, BLOCK=256, num_warps=4)
@@ -193,4 +196,4 @@ def scale_(tensors, coef: torch.Tensor, zero_nonfinite: bool) -> None:
     tab = table(tensors)
     _scale_chunks_kernel[(tab.num_chunks,)](
         tab.addr, tab.start, tab.length, coef, DTYPE=_TL[tensors[0].dtype],
-        ZERO_NONFINITE=zero_nonfinite, BLOCK=BLOCK, num_warps=8)
+        ACC_T=tl.float64 if tensors[0].dtype == torch.float64 else tl.float32, ZERO_NONFINITE=zero_nonfinite, BLOCK=BLOCK, num_warps=8)

@@ -14,6 +14,8 @@ one all-reduce of the per-tensor reductions.
 from __future__ import annotations
 
 import functools
+import types
+import warnings
 from collections.abc import Iterable
 from typing import Optional, Union
 
@@ -65,11 +67,16 @@ def _unshard(tensors: list[Tensor], process_group):
 def _per_tensor_reductions(tensors: list[Tensor], norm_type: float, sharded: bool) -> Tensor:
     """multi_tensor_norm over every (device, dtype) group, on the first tensor's device, input order."""
     first = tensors[0].device
-    if norm_type in (float("inf"), float("-inf")) and not sharded:
-        for t in tensors:
-            if t.numel() == 0:
-                raise RuntimeError(f"linalg.vector_norm cannot compute the {norm_type} norm on an empty tensor "
-                                   "because the operation does not have an identity")
+    for t in tensors:
+        if not (t.is_floating_point() or t.is_complex()):
+            raise RuntimeError(f"linalg.vector_norm: Expected a floating point or complex tensor as input. "
+                               f"Got {t.dtype}")
+        if t.numel() == 0 and norm_type < 0 and not sharded:  # -inf and p < 0 (inf: see below)
+            raise RuntimeError(f"linalg.vector_norm cannot compute the {norm_type} norm on an empty tensor "
+                               "because the operation does not have an identity")
+        if t.numel() == 0 and norm_type == float("inf") and not sharded:
+            raise RuntimeError(f"linalg.vector_norm cannot compute the {norm_type} norm on an empty tensor "
+                               "because the operation does not have an identity")
     groups = _grouped(tensors)
     acc = torch.float64 if any(_real_dtype(t) == torch.float64 for t in tensors) else torch.float32
     parts, order = [], []
@@ -88,10 +95,17 @@ def _per_tensor_reductions(tensors: list[Tensor], norm_type: float, sharded: boo
         order += idx
     red = torch.cat(parts) if len(parts) > 1 else parts[0]
     if order != list(range(len(tensors))):
-        inverse = torch.empty(len(order), dtype=torch.int64)
-        inverse[torch.tensor(order)] = torch.arange(len(order))
-        red = red[inverse.to(first, non_blocking=True)]
+        red = red[_inverse_permutation(tuple(order), first)]
     return red
+
+
+@functools.lru_cache(64)
+def _inverse_permutation(order: tuple, device: torch.device) -> Tensor:
+    """Back to input order after grouping by dtype; cached on the device, so that steady-state steps
+    (and CUDA-graph replays, after a warm-up call) copy nothing from the host."""
+    inverse = torch.empty(len(order), dtype=torch.int64)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    return inverse.to(device)
 
 
 @torch.no_grad()
@@ -168,7 +182,10 @@ def clip_grad_norm_(parameters: _tensor_or_tensors, max_norm: Union[float, Tenso
     """``torch.nn.utils.clip_grad_norm_``: returns the total norm of the gradients (viewed as one
     vector) and scales them in place so that it is at most ``max_norm``. See the module docstring
     for ``max_norm`` as a tensor, ``nonfinite`` and ``process_group``."""
+    is_generator = isinstance(parameters, types.GeneratorType)
     parameters = _as_list(parameters)
+    if is_generator and not parameters:
+        warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=2)
     grads = [p.grad for p in parameters if p.grad is not None]
     total = get_total_norm(grads, norm_type, error_if_nonfinite, foreach, process_group=process_group)
     clip_grads_with_norm_(parameters, max_norm, total, foreach, nonfinite=nonfinite)
