@@ -30,6 +30,11 @@ tests_rc=${PIPESTATUS[0]}
 echo "== benchmark: python -m fusedstab.bench --dtype bf16 --out $RESULTS $*"
 python -m fusedstab.bench --dtype bf16 --out "$RESULTS" "$@" > "$LOG/table.txt"  # progress goes to stderr
 bench_rc=$?
+if [ $# -eq 0 ]; then  # gradient clipping is also reported in fp32 (fp32 grads are the common case)
+    echo "== benchmark: python -m fusedstab.bench --ops clip_grad_norm --dtype fp32 --out $RESULTS"
+    python -m fusedstab.bench --ops clip_grad_norm --dtype fp32 --out "$RESULTS" >> "$LOG/table.txt"
+    bench_rc=$((bench_rc | $?))
+fi
 
 if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT"
