@@ -237,6 +237,7 @@ def fwd(x, residual, weight, bias, y, h, mean, rstd, eps: float, rms: bool):
     M, N = x.shape
     common = dict(HAS_R=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,
                   RMS=rms, ACC_T=_ACC[rstd.dtype])
+    mean = None if rms else mean  # RMSNorm has none (an empty tensor's pointer may be null)
     args = (x, residual, weight, bias, y, h, mean, rstd, M, N, x.stride(0),
             residual.stride(0) if residual is not None else 0, eps)
     if N <= MAX_FUSED_FWD:
@@ -262,6 +263,7 @@ def bwd(dy, x, weight, mean, rstd, dh, dx, need_dw: bool, need_db: bool, rms: bo
     db_part = alloc((grid, N), dtype=acc, device=x.device) if need_db else None
     common = dict(HAS_W=weight is not None, HAS_DB=need_db, HAS_DH=dh is not None,
                   RMS=rms, ACC_T=_ACC[acc])
+    mean = None if rms else mean
     args = (dy, x, weight, mean, rstd, dh, dx, dw_part, db_part, M, N,
             dy.stride(0), x.stride(0), dh.stride(0) if dh is not None else 0)
     if long:
