@@ -93,26 +93,23 @@ def add_layer_norm(x: Tensor, residual: Tensor, normalized_shape, weight=None, b
 # ----------------------------------------------------------------------------- multi-tensor norm / scale
 def multi_tensor_norm(tensors: list[Tensor], norm_type: float) -> Tensor:
     """Per-tensor reduction that global norms combine: sum |x|^p for finite p != 0, max |x| for inf,
-    min |x| for -inf, the count of nonzeros for p = 0. Accumulation dtype, shape (len(tensors),)."""
+    min |x| for -inf, the count of nonzeros for p = 0. An empty tensor gives the reduction's identity
+    (0, or inf for min), as a rank's empty shard must; refusing an empty tensor where torch has no
+    identity is the caller's business. Accumulation dtype, shape (len(tensors),)."""
     acc = acc_dtype(tensors[0].dtype) if tensors else torch.float32
     out = []
     for t in tensors:
         a = t.abs().to(acc).reshape(-1)
         if norm_type == float("inf"):
-            out.append(a.amax() if a.numel() else _no_identity(norm_type))
+            out.append(a.amax() if a.numel() else a.new_zeros(()))
         elif norm_type == float("-inf"):
-            out.append(a.amin() if a.numel() else _no_identity(norm_type))
+            out.append(a.amin() if a.numel() else a.new_full((), float("inf")))
         elif norm_type == 0:
             out.append((a != 0).sum().to(acc))
         else:
             out.append(a.pow(norm_type).sum())
     device = tensors[0].device if tensors else None
     return torch.stack(out) if out else torch.zeros(0, dtype=acc, device=device)
-
-
-def _no_identity(norm_type: float):
-    raise RuntimeError(f"cannot compute the {norm_type} norm on an empty tensor because the operation "
-                       "does not have an identity")
 
 
 def multi_tensor_scale_(tensors: list[Tensor], coef: Tensor, zero_nonfinite: bool) -> None:

@@ -54,6 +54,20 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
+def check_like_eager(got: torch.Tensor, truth64: torch.Tensor, eager: torch.Tensor, what: str = "") -> bool:
+    """``got`` has eager torch's shape, dtype and device, and is finite where the float64 ``truth64``
+    is. Returns whether there are values left to compare (False for an empty result)."""
+    assert got.shape == eager.shape, f"{what}: shape {tuple(got.shape)} != torch's {tuple(eager.shape)}"
+    assert got.dtype == eager.dtype, f"{what}: dtype {got.dtype} != torch's {eager.dtype}"
+    assert got.device == eager.device, f"{what}: device {got.device} != torch's {eager.device}"
+    assert truth64.dtype == torch.float64
+    if got.numel() == 0:
+        return False
+    assert torch.isfinite(truth64).all(), f"{what}: non-finite truth; use the NaN/Inf checks instead"
+    assert torch.isfinite(got).all(), f"{what}: non-finite values where the truth is finite"
+    return True
+
+
 def assert_matches(got: torch.Tensor, truth64: torch.Tensor, eager: torch.Tensor, what: str = "",
                    scale: float | torch.Tensor | None = None) -> None:
     """``got`` (the fusedstab result) against a float64 ``truth64`` and eager torch's ``eager``
@@ -63,14 +77,8 @@ def assert_matches(got: torch.Tensor, truth64: torch.Tensor, eager: torch.Tensor
     the terms the result is computed from, where it exceeds max|truth| because of cancellation
     (rows of nearly equal values, input gradients). The fp32/fp64 absolute tolerance is relative to
     it; default max(1, max|truth|)."""
-    assert got.shape == eager.shape, f"{what}: shape {tuple(got.shape)} != torch's {tuple(eager.shape)}"
-    assert got.dtype == eager.dtype, f"{what}: dtype {got.dtype} != torch's {eager.dtype}"
-    assert got.device == eager.device, f"{what}: device {got.device} != torch's {eager.device}"
-    assert truth64.dtype == torch.float64
-    if got.numel() == 0:
+    if not check_like_eager(got, truth64, eager, what):
         return
-    assert torch.isfinite(truth64).all(), f"{what}: non-finite truth; use the NaN/Inf checks instead"
-    assert torch.isfinite(got).all(), f"{what}: non-finite values where the truth is finite"
     dt = got.dtype
     if scale is None:
         scale = max(1.0, truth64.abs().max().item())

@@ -30,7 +30,7 @@ import fusedstab
 from fusedstab import backend as fs_backend
 from fusedstab import utils as FU
 
-from helpers import LOWP_FLOOR, LOWP_RATIO, TIGHT, max_err
+from helpers import LOWP_FLOOR, LOWP_RATIO, TIGHT, check_like_eager, max_err
 
 INF = float("inf")
 BACKENDS = ("triton", "torch")
@@ -200,14 +200,8 @@ def assert_matches(got, truth64, eager, what="", prec: torch.dtype | None = None
     (default: got's own). fp32/fp64 precision: rtol/atol of ``TIGHT`` (atol relative to
     max(1, max|truth|)); fp16/bf16 precision: max error at most LOWP_RATIO x torch's own + a floor
     (LOWP_FLOOR, and an fp32 accumulation's rounding of max|truth|)."""
-    assert got.shape == eager.shape, f"{what}: shape {tuple(got.shape)} != torch's {tuple(eager.shape)}"
-    assert got.dtype == eager.dtype, f"{what}: dtype {got.dtype} != torch's {eager.dtype}"
-    assert got.device == eager.device, f"{what}: device {got.device} != torch's {eager.device}"
-    assert truth64.dtype == torch.float64
-    if got.numel() == 0:
+    if not check_like_eager(got, truth64, eager, what):
         return
-    assert torch.isfinite(truth64).all(), f"{what}: non-finite truth"
-    assert torch.isfinite(got).all(), f"{what}: non-finite values where the truth is finite: {got}"
     prec = min(got.dtype, prec or got.dtype, key=_PREC.__getitem__) if got.dtype in _PREC else got.dtype
     scale = max(1.0, truth64.abs().max().item())
     if prec in LOWP_FLOOR:

@@ -75,3 +75,13 @@ def test_clip_grad_norm_compiles_fullgraph(backend):
     torch.testing.assert_close(total, ref_total)
     for p, q in zip(params, tref):
         torch.testing.assert_close(p.grad, q.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_norm_op_gives_identity_for_empty_tensor(backend):
+    """A rank's empty shard: max |x| -> 0, min |x| -> inf, sums -> 0 (the public functions refuse
+    unsharded empty tensors where torch has no identity)."""
+    ts = [torch.empty(0), torch.tensor([3.0, -4.0])]
+    with fusedstab.use_backend(backend):
+        for p, want in [(math.inf, [0.0, 4.0]), (-math.inf, [math.inf, 3.0]), (2.0, [0.0, 25.0])]:
+            assert torch.ops.fusedstab.multi_tensor_norm(ts, p).tolist() == want

@@ -73,9 +73,8 @@ def _kernel_ok(t: Tensor) -> bool:
 
 
 def _split(tensors):
-    fast = [i for i, t in enumerate(tensors) if _kernel_ok(t)]
-    slow = [i for i, t in enumerate(tensors) if not _kernel_ok(t)]
-    return fast, slow
+    ok = [_kernel_ok(t) for t in tensors]
+    return [i for i, k in enumerate(ok) if k], [i for i, k in enumerate(ok) if not k]
 
 
 def _norm_triton(tensors, norm_type):

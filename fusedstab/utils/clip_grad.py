@@ -71,27 +71,15 @@ def _per_tensor_reductions(tensors: list[Tensor], norm_type: float, sharded: boo
         if not (t.is_floating_point() or t.is_complex()):
             raise RuntimeError(f"linalg.vector_norm: Expected a floating point or complex tensor as input. "
                                f"Got {t.dtype}")
-        if t.numel() == 0 and norm_type < 0 and not sharded:  # -inf and p < 0 (inf: see below)
+        # torch refuses the norms without an identity (inf, -inf, p < 0) on an empty tensor; a rank's
+        # empty shard is fine (the op gives the identity).
+        if t.numel() == 0 and (norm_type < 0 or norm_type == float("inf")) and not sharded:
             raise RuntimeError(f"linalg.vector_norm cannot compute the {norm_type} norm on an empty tensor "
                                "because the operation does not have an identity")
-        if t.numel() == 0 and norm_type == float("inf") and not sharded:
-            raise RuntimeError(f"linalg.vector_norm cannot compute the {norm_type} norm on an empty tensor "
-                               "because the operation does not have an identity")
-    groups = _grouped(tensors)
     acc = torch.float64 if any(_real_dtype(t) == torch.float64 for t in tensors) else torch.float32
     parts, order = [], []
-    for idx in groups.values():
-        group = [tensors[i] for i in idx]
-        nonempty = [i for i, t in zip(idx, group) if t.numel()]
-        if norm_type in (float("inf"), float("-inf")) and len(nonempty) < len(idx):
-            # A rank's empty shard: the identity of max |x| (0) or min |x| (inf).
-            ident = 0.0 if norm_type > 0 else float("inf")
-            parts.append(torch.full((len(idx) - len(nonempty),), ident, dtype=acc, device=first))
-            order += [i for i in idx if i not in set(nonempty)]
-            idx, group = nonempty, [tensors[i] for i in nonempty]
-            if not group:
-                continue
-        parts.append(_ops.multi_tensor_norm(group, norm_type).to(first, acc))
+    for idx in _grouped(tensors).values():
+        parts.append(_ops.multi_tensor_norm([tensors[i] for i in idx], norm_type).to(first, acc))
         order += idx
     red = torch.cat(parts) if len(parts) > 1 else parts[0]
     if order != list(range(len(tensors))):
