@@ -94,3 +94,80 @@ class AddLayerNormFunction(torch.autograd.Function):
     def backward(ctx, dy, dh):
         dx, dres, dw, db = _backward(ctx, dy, dh)
         return dx, dres, None, dw, db, None, None
+
+
+# ----------------------------------------------------------------------------- bias + Leaky ReLU
+def _memory_order_2d(x, dim):
+    """x's dims in memory order (largest stride first), split at ``dim`` into (outer, C, inner):
+    returns (order, permuted shape, (R, L), per_row). Rows of C (per column bias) when inner == 1,
+    e.g. a Linear output or channels_last NCHW with dim=1; else rows of inner, bias index row % C.
+    For a dense x, ``x.permute(order).reshape(R, L)`` is a view: channels_last is read in place."""
+    order = sorted(range(x.dim()), key=lambda i: -x.stride(i))
+    shape = [x.shape[i] for i in order]
+    p = order.index(dim)
+    outer, C, inner = math.prod(shape[:p]), shape[p], math.prod(shape[p + 1:])
+    per_row = inner != 1
+    return order, shape, ((outer * C, inner) if per_row else (outer, C)), per_row
+
+
+def _from_2d(t2, order, shape):
+    """Inverse of the 2-D view: x's shape, with x's memory layout when x was dense."""
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    return t2.view(shape).permute(inverse)
+
+
+def _act_saved(y, mask, slope):
+    return mask if ops.leaky_relu.saves_mask(slope) else y
+
+
+class BiasLeakyReLUFunction(torch.autograd.Function):
+    """``BiasLeakyReLUFunction.apply(x, bias, negative_slope, dim) -> leaky_relu(x + bias)``, the bias
+    (or None) broadcast along ``dim`` (a non-negative dim of x)."""
+
+    @staticmethod
+    def forward(ctx, x, bias, negative_slope, dim):
+        order, shape, rl, per_row = _memory_order_2d(x, dim)
+        y2, mask = _ops.bias_leaky_relu_fwd(x.permute(order).reshape(rl), bias, negative_slope, per_row)
+        ctx.backend = None if torch.compiler.is_compiling() else backend.get_backend()
+        ctx.layout, ctx.slope, ctx.x_dtype = (order, shape, rl, per_row), negative_slope, x.dtype
+        ctx.bias_dtype, ctx.C = (None, 1) if bias is None else (bias.dtype, bias.shape[0])
+        ctx.save_for_backward(_act_saved(y2, mask, negative_slope))
+        return _from_2d(y2, order, shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (saved,) = ctx.saved_tensors
+        order, shape, rl, per_row = ctx.layout
+        need_dx, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        with backend.use_backend(ctx.backend) if ctx.backend else contextlib.nullcontext():
+            dx2, db = _ops.bias_leaky_relu_bwd(dy.permute(order).reshape(rl), saved, ctx.slope, per_row,
+                                               ctx.C, ctx.x_dtype, need_dx, need_db)
+        return (_from_2d(dx2, order, shape) if need_dx else None,
+                db.to(ctx.bias_dtype) if need_db else None, None, None)
+
+
+class LinearLeakyReLUFunction(torch.autograd.Function):
+    """``LinearLeakyReLUFunction.apply(x, weight, bias, negative_slope) -> leaky_relu(x @ weight.T + bias)``
+    for x (*, K), weight (N, K), bias (N,) or None. Backward: one pass turns dy into dz and dbias,
+    then dz @ weight and dz.T @ x (cuBLAS through torch)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, negative_slope):
+        x2 = x.reshape(-1, x.shape[-1])
+        y2, mask = _ops.linear_leaky_relu_fwd(x2, weight, bias, negative_slope)
+        ctx.backend = None if torch.compiler.is_compiling() else backend.get_backend()
+        ctx.slope, ctx.x_shape = negative_slope, x.shape
+        ctx.save_for_backward(x2, weight, _act_saved(y2, mask, negative_slope))
+        return y2.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, saved = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        N = weight.shape[0]
+        with backend.use_backend(ctx.backend) if ctx.backend else contextlib.nullcontext():
+            dz, db = _ops.bias_leaky_relu_bwd(dy.reshape(-1, N), saved, ctx.slope, False, N, x2.dtype,
+                                              need_x or need_w, need_b)
+        dx = (dz @ weight).view(ctx.x_shape) if need_x else None
+        dw = dz.t() @ x2 if need_w else None
+        return dx, dw, db.to(x2.dtype) if need_b else None, None

@@ -1,16 +1,18 @@
 """torch.nn.functional-style functions: same signatures, semantics and errors as torch."""
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from .autograd import AddLayerNormFunction, LayerNormFunction, RMSNormFunction
+from .autograd import (AddLayerNormFunction, BiasLeakyReLUFunction, LayerNormFunction, LinearLeakyReLUFunction,
+                       RMSNormFunction)
 from .reference import acc_dtype
 
-__all__ = ["layer_norm", "rms_norm", "add_layer_norm"]
+__all__ = ["layer_norm", "rms_norm", "add_layer_norm", "bias_leaky_relu", "linear_leaky_relu"]
 
 
 def _check_norm_args(name: str, input: Tensor, normalized_shape, params: dict) -> tuple:
@@ -111,3 +113,79 @@ def add_layer_norm(x: Tensor, residual: Tensor, normalized_shape: Sequence[int],
             raise TypeError("add_layer_norm: eps=None is only meaningful with rms=True")
         eps = torch.finfo(acc_dtype(torch.promote_types(x.dtype, residual.dtype))).eps
     return AddLayerNormFunction.apply(x, residual, shape, weight, bias, float(eps), bool(rms))
+
+
+# ----------------------------------------------------------------------------- bias + Leaky ReLU
+def _check_act_input(name: str, x, negative_slope) -> float:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}(): argument 'input' must be Tensor, not {type(x).__name__}")
+    if not x.is_floating_point():  # torch's leaky_relu kernels raise this for integer/bool/complex
+        raise NotImplementedError(f'"{name}" not implemented for \'{_type_name(x.dtype)}\'')
+    if not isinstance(negative_slope, numbers.Real):
+        raise TypeError(f"{name}(): argument 'negative_slope' must be a number, not {type(negative_slope).__name__}")
+    return float(negative_slope)
+
+
+def _check_bias(name: str, bias, size: int, x: Tensor, what: str) -> None:
+    if not isinstance(bias, Tensor):
+        raise TypeError(f"{name}(): argument 'bias' must be Tensor or None, not {type(bias).__name__}")
+    if bias.device != x.device:
+        raise RuntimeError("Expected all tensors to be on the same device, but found at least two devices, "
+                           f"{x.device} and {bias.device}!")
+    if bias.dim() != 1 or bias.shape[0] != size:
+        raise RuntimeError(f"{name}: bias of shape {list(bias.shape)} must have shape [{size}] ({what})")
+    if not bias.is_floating_point():
+        raise NotImplementedError(f'"{name}" not implemented for bias of type \'{_type_name(bias.dtype)}\'')
+
+
+def bias_leaky_relu(x: Tensor, bias: Optional[Tensor], negative_slope: float = 0.01, dim: int = -1) -> Tensor:
+    """``leaky_relu(x + bias)`` in one kernel, the bias (C,) broadcast along ``dim`` of x: dim=-1 for a
+    Linear output, dim=1 for an NCHW convolution output (channels_last is read and written in place).
+
+    Output dtype is torch's for ``x + bias`` (promoted), with x's memory layout. Backward saves the
+    output, or a 1-bit mask for negative_slope < 0, and gives dx and a deterministic dbias in one pass.
+    ``bias=None`` is leaky_relu alone.
+    """
+    slope = _check_act_input("bias_leaky_relu", x, negative_slope)
+    nd = x.dim()
+    if nd == 0:
+        raise IndexError("bias_leaky_relu: input must have at least one dimension, got a 0-d tensor")
+    if not -nd <= dim < nd:
+        raise IndexError(f"Dimension out of range (expected to be in range of [{-nd}, {nd - 1}], but got {dim})")
+    dim %= nd
+    if bias is not None:
+        _check_bias("bias_leaky_relu", bias, x.shape[dim], x, f"the size of input dimension {dim}")
+    return BiasLeakyReLUFunction.apply(x, bias, slope, dim)
+
+
+def linear_leaky_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                      negative_slope: float = 0.01) -> Tensor:
+    """``leaky_relu(linear(x, weight, bias))`` from one Triton matmul with the bias and the activation
+    in its epilogue; backward fuses the activation's gradient and dbias into one pass before the two
+    gradient matmuls. x (*, in_features), weight (out_features, in_features), bias (out_features,).
+
+    fp32 uses tf32 tensor cores where torch's matmuls may (``torch.backends.cuda.matmul.allow_tf32``),
+    else exact fp32. Under autocast the inputs are cast as ``torch.nn.functional.linear``'s are.
+    """
+    slope = _check_act_input("linear_leaky_relu", x, negative_slope)
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"linear_leaky_relu(): argument 'weight' must be Tensor, not {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise RuntimeError(f"linear_leaky_relu: weight must be 2-D (out_features, in_features), got {weight.dim()}-D")
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        m = "x".join(map(str, (math.prod(x.shape[:-1]), x.shape[-1]))) if x.dim() else "0-d"
+        raise RuntimeError(f"mat1 and mat2 shapes cannot be multiplied ({m} and "
+                           f"{weight.shape[1]}x{weight.shape[0]})")
+    if weight.device != x.device:
+        raise RuntimeError("Expected all tensors to be on the same device, but found at least two devices, "
+                           f"{x.device} and {weight.device}!")
+    if bias is not None:
+        _check_bias("linear_leaky_relu", bias, weight.shape[0], x, "out_features")
+    if torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        with torch.autocast(x.device.type, enabled=False):
+            return linear_leaky_relu(x.to(dt), weight.to(dt), None if bias is None else bias.to(dt), slope)
+    for what, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise RuntimeError(f"expected input and {what} to have the same dtype, but got: {x.dtype} != {t.dtype}")
+    return LinearLeakyReLUFunction.apply(x, weight, bias, slope)

@@ -121,3 +121,19 @@ def multi_tensor_scale_(tensors: list[Tensor], coef: Tensor, zero_nonfinite: boo
             t.copy_(torch.where(c == 0, torch.zeros_like(t), t * c))
         else:
             t.mul_(c)
+
+
+# ----------------------------------------------------------------------------- bias + Leaky ReLU
+def bias_leaky_relu(x: Tensor, bias: Tensor | None, negative_slope: float = 0.01, dim: int = -1) -> Tensor:
+    """leaky_relu(x + bias), the bias (C,) broadcast along ``dim`` of x."""
+    if bias is not None:
+        shape = [1] * x.dim()
+        shape[dim] = -1
+        x = x + bias.view(shape)
+    return torch.nn.functional.leaky_relu(x, negative_slope)
+
+
+def linear_leaky_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None,
+                      negative_slope: float = 0.01) -> Tensor:
+    """leaky_relu(x @ weight.T + bias)."""
+    return torch.nn.functional.leaky_relu(torch.nn.functional.linear(x, weight, bias), negative_slope)

@@ -2,7 +2,7 @@
 
 Layout: ``case.py`` (Case, Provider, Config), ``timing.py`` (timers, copy bandwidth),
 ``providers.py`` (eager / torch.compile / fusedstab backends / peers), one module per op family
-(``norms.py``, ``clip.py``), ``runner.py`` (runs cases into result rows), ``report.py`` (table, JSON, plot).
+(``norms.py``, ``clip.py``, ``activation.py``), ``runner.py`` (runs cases into result rows), ``report.py`` (table, JSON, plot).
 
 To add an op: write ``fusedstab/bench/<family>.py`` with a function ``cfg -> list[Case]`` and add
 it to ``OPS`` below. Modules are imported lazily so that one broken op never stops the others.
@@ -18,6 +18,8 @@ OPS = {
     "rms_norm": "fusedstab.bench.norms:rms_norm",
     "add_layer_norm": "fusedstab.bench.norms:add_layer_norm",
     "clip_grad_norm": "fusedstab.bench.clip:clip_grad_norm",
+    "bias_leaky_relu": "fusedstab.bench.activation:bias_leaky_relu",
+    "linear_leaky_relu": "fusedstab.bench.activation:linear_leaky_relu",
 }
 
 

@@ -37,11 +37,14 @@ class Config:
 @dataclass
 class Provider:
     """One implementation. ``context`` is entered around building, warming up and timing it,
-    e.g. ``fusedstab.use_backend("triton")`` (so backward dispatch sees the same choice)."""
+    e.g. ``fusedstab.use_backend("triton")`` (so backward dispatch sees the same choice).
+    ``check=False``: a yardstick that computes something else by construction (the bare matmul next
+    to Linear + Leaky ReLU); its result is not compared with eager's, and its rows have no error."""
 
     fn: Callable
     context: Callable[[], ContextManager] = contextlib.nullcontext
     modes: tuple[str, ...] | None = None  # the case's modes this provider serves; None: all of them
+    check: bool = True  # compare its first result with eager's (a mismatch becomes a note)
 
 
 @dataclass

@@ -32,7 +32,7 @@ def table(res: dict) -> str:
 
 
 def _section(rows: list[dict], keys: tuple[str, ...], title: str) -> str:
-    extra = [(name, key, spec) for name, key, spec in (("TFLOP/s", "tflops", ".1f"), ("launches", "launches", "d"),
+    extra = [(name, key, spec) for name, key, spec in (("TFLOP/s", "tflops", ".3g"), ("launches", "launches", "d"),
                                                        ("syncs", "syncs", "d"))
              if any(r.get(key) is not None for r in rows)]  # compute-bound ops, CUDA launch counts
     lines, last = [], None
@@ -128,16 +128,38 @@ def plot(res: dict, path: Path) -> Path | None:
         for j, mode in enumerate(modes):
             ax = axes[i][j]
             rs = [r for r in res["rows"] if r["op"] == op and r["mode"] == mode]
-            xkey = "N" if any("N" in r for r in rs) else "numel"  # norms: row length; clipping: elements
+            # compute-bound (matmul): TFLOP/s over the FLOPs of a call; the rest: GB/s over the size
+            flops = any(r.get("tflops") is not None for r in rs)
+            if flops:
+                xkey, ykey, xlabel = "gflop", "tflops", "GFLOP per call"
+                rs = [{**r, "gflop": r["tflops"] * r["ms"]} for r in rs if r.get("tflops") is not None]
+            else:
+                xkey = "N" if any("N" in r for r in rs) else "numel"  # norms: row length; else elements
+                ykey = "gbps"
+                xlabel = {"N": "N (row length)", "numel": "elements"}[xkey]
+                if op == "clip_grad_norm":
+                    xlabel = "elements in the parameter list"
+            cases = list(dict.fromkeys(r["case"] for r in rs))
+            tick = {r["case"]: " ".join(str(r[k]) for k in shape_keys(r) if k not in ("numel", "gflop")) for r in rs}
+            xs = {}
+            for r in rs:
+                xs.setdefault(r.get(xkey), set()).add(r["case"])
+            categorical = None in xs or any(len(c) > 1 for c in xs.values())  # shapes the size can't tell apart
             for p in dict.fromkeys(r["provider"] for r in rs):
-                pts = sorted((r[xkey], r["gbps"]) for r in rs if r["provider"] == p and xkey in r)
+                pts = sorted((cases.index(r["case"]) if categorical else r[xkey], r[ykey])
+                             for r in rs if r["provider"] == p)
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", label=p)
-            ax.axhline(copy, color="gray", ls="--", lw=1, label="copy")
-            ax.set_xscale("log", base=2)
+                    ax.plot(*zip(*pts), marker="o", label=p, ls=":" if categorical else "-")
+            if not flops:
+                ax.axhline(copy, color="gray", ls="--", lw=1, label="copy")
+            if categorical:
+                ax.set_xticks(range(len(cases)), [tick[c] for c in cases], rotation=30, ha="right", fontsize=7)
+                xlabel = "case"
+            else:
+                ax.set_xscale("log", base=2)
             ax.set_title(f"{op} {mode}", fontsize=10)
-            ax.set_xlabel("N (row length)" if xkey == "N" else "elements in the parameter list")
-            ax.set_ylabel("GB/s")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("TFLOP/s" if flops else "GB/s")
             ax.grid(alpha=0.3)
     for row in axes:  # one legend per op: the op families have different providers
         row[0].legend(fontsize=8)

@@ -79,7 +79,7 @@ def _measure(case: Case, mode: str, name: str, cfg: Config, ref):
         inputs, grads = case.make_inputs()
         thunk = (case.thunk or make_thunk)(prov.fn, inputs, grads, mode)
         out = as_tuple(thunk())  # first call: compiles, and its result is checked against eager
-        err = None if ref is None else _rel_err(out, ref)
+        err = None if ref is None or not prov.check else _rel_err(out, ref)
         ms = time_ms(thunk, cfg.device, quick=cfg.quick or cfg.smoke)
         work = launches_and_syncs(thunk) if case.count_launches and cfg.device == "cuda" else None
     row = {"op": case.op, "case": case.label, "mode": mode, "provider": name, **case.params, "ms": ms,

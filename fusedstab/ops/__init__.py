@@ -1,3 +1,4 @@
 """torch.library custom ops in the ``fusedstab`` namespace, one module per op family."""
 from . import layer_norm  # noqa: F401  (fusedstab::layer_norm_fwd / _bwd)
 from . import multi_tensor  # noqa: F401  (fusedstab::multi_tensor_norm / _scale_)
+from . import leaky_relu  # noqa: F401  (fusedstab::bias_leaky_relu_fwd / _bwd, linear_leaky_relu_fwd)
