@@ -153,7 +153,7 @@ class LinearLeakyReLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, negative_slope):
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
         y2, mask = _ops.linear_leaky_relu_fwd(x2, weight, bias, negative_slope)
         ctx.backend = None if torch.compiler.is_compiling() else backend.get_backend()
         ctx.slope, ctx.x_shape = negative_slope, x.shape

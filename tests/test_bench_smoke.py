@@ -10,13 +10,16 @@ from pathlib import Path
 import pytest
 
 from fusedstab.bench import MODES, OPS
+from fusedstab.bench import activation as act_bench
 from fusedstab.bench import clip as clip_bench
 from fusedstab.bench.norms import bytes_model
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW_KEYS = {"op", "mode", "provider", "dtype", "ms", "bytes", "gbps", "pct_copy",
             "speedup_vs_eager", "speedup_vs_compile", "max_rel_err"}
-SHAPE_KEYS = {"clip_grad_norm": {"model", "tensors", "numel"}}  # every other op: rows of N, M of them
+SHAPE_KEYS = {"clip_grad_norm": {"model", "tensors", "numel"},  # every other op: rows of N, M of them
+              "bias_leaky_relu": {"shape", "dim", "layout", "numel"},
+              "linear_leaky_relu": {"M", "K", "N", "tflops"}}
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -37,6 +40,7 @@ def test_bench_smoke(tmp_path, device):
     assert {r["mode"] for r in rows} == set(MODES)
     provs = {r["provider"] for r in rows}
     assert "fusedstab-torch" in provs
+    assert "matmul" in provs  # linear_leaky_relu's bare-matmul yardstick
     if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":  # tests/conftest.py sets it on CPU
         assert "fusedstab-triton" in provs
     for r in rows:
@@ -48,6 +52,8 @@ def test_bench_smoke(tmp_path, device):
         assert r["ms"] > 0 and r["gbps"] > 0 and r["bytes"] > 0
         if r["provider"] == "eager":
             assert r["speedup_vs_eager"] == 1.0
+        if r["provider"] == "matmul":  # Provider(check=False): a yardstick, never compared with eager
+            assert r["max_rel_err"] is None and r["tflops"] > 0, r
     # every provider ran and agreed with eager (the runner turns failures and mismatches into notes)
     bad = [n for n in res["notes"] if "failed:" in n or "differs from eager" in n]
     assert not bad, bad
@@ -72,3 +78,14 @@ def test_clip_bytes_model_and_lists():
     assert 1.2e9 < sum(math.prod(s) for s in big) < 1.4e9
     mixed = clip_bench.mixed(1000, 16, 1 << 20)
     assert len(mixed) == 1000 and all(16 <= math.prod(s) <= 1 << 20 for s in mixed)
+
+
+def test_activation_bytes_and_flops_model():
+    n, C, e = 8192 * 4096, 4096, 2  # bf16 x and bias; slope >= 0: backward reads the saved y
+    assert act_bench.bias_bytes_model(n, C, e, e) == {"fwd": 2 * n * e + C * e, "bwd": 3 * n * e + C * e,
+                                                      "fwd+bwd": 5 * n * e + 2 * C * e}
+    M, K, N = 8192, 4096, 16384
+    fwd = (M * K + N * K + M * N) * e + N * e  # read x, w, b; write y
+    bwd = (M * N + M * K + N * K + M * N + M * K + N * K) * e + N * e  # read dy, x, w, y; write dx, dw, db
+    assert act_bench.linear_bytes_model(M, K, N, e, e) == {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}
+    assert act_bench.linear_flops(M, K, N) == {"fwd": 2 * M * N * K, "bwd": 4 * M * N * K, "fwd+bwd": 6 * M * N * K}

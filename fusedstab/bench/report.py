@@ -32,7 +32,7 @@ def table(res: dict) -> str:
 
 
 def _section(rows: list[dict], keys: tuple[str, ...], title: str) -> str:
-    extra = [(name, key, spec) for name, key, spec in (("TFLOP/s", "tflops", ".3g"), ("launches", "launches", "d"),
+    extra = [(name, key, spec) for name, key, spec in (("TFLOP/s", "tflops", ".2f"), ("launches", "launches", "d"),
                                                        ("syncs", "syncs", "d"))
              if any(r.get(key) is not None for r in rows)]  # compute-bound ops, CUDA launch counts
     lines, last = [], None

@@ -34,12 +34,12 @@ def _pack_bits(pos, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
 
 
 @triton.jit
-def store_mask(MASK, z, rows64, rmask, col_tile, L8,
+def store_mask(MASK, pos, rows64, rmask, col_tile, L8,
                BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
-    """Store the signs of the (BLOCK_R, BLOCK_L) tile z at column tile ``col_tile`` of MASK (rows of
-    L8 bytes). Shared with the matmul epilogue."""
+    """Store the (BLOCK_R, BLOCK_L) booleans ``pos`` (False past the row's end, so that the padding
+    bits are 0) at column tile ``col_tile`` of MASK (rows of L8 bytes). Shared with the matmul."""
     bcols = col_tile * (BLOCK_L // 8) + tl.arange(0, BLOCK_L // 8)
-    tl.store(MASK + rows64[:, None] * L8 + bcols[None, :], _pack_bits(z > 0, BLOCK_R, BLOCK_L),
+    tl.store(MASK + rows64[:, None] * L8 + bcols[None, :], _pack_bits(pos, BLOCK_R, BLOCK_L),
              mask=rmask[:, None] & (bcols < L8)[None, :])
 
 
@@ -63,7 +63,7 @@ def _fwd_kernel(X, B, Y, MASK, R, L, C, L8, stride_xr, stride_xc, n_col_tiles, s
     y = tl.where(z > 0, z, z * _slope(slope_hi, slope_lo, ACC_T))
     tl.store(Y + rows64[:, None] * L + cols64[None, :], y.to(Y.dtype.element_ty), mask=mask)
     if SAVE_MASK:
-        store_mask(MASK, z, rows64, rmask, col_tile, L8, BLOCK_R, BLOCK_L)
+        store_mask(MASK, (z > 0) & mask, rows64, rmask, col_tile, L8, BLOCK_R, BLOCK_L)
 
 
 @triton.jit
@@ -118,7 +118,13 @@ def split_slope(slope: float) -> tuple[float, float]:
 
 
 def _blocks(L: int) -> tuple[int, int]:
-    block_l = max(8, min(triton.next_power_of_2(L), MAX_BLOCK_L))  # a multiple of 8 for the bit mask
+    """(BLOCK_R, BLOCK_L): TILE elements, BLOCK_L a power of two >= 8 (whole bytes of the bit mask):
+    the widest that pads a row by at most 1/16 (H*W = 3136 takes 256: 13 tiles, where 1024 would
+    pad it to 4096), else the one that pads least."""
+    widest = max(8, min(triton.next_power_of_2(L), MAX_BLOCK_L))
+    widths = [w for w in (widest >> i for i in range(5)) if w >= 8]
+    padded = lambda w: triton.cdiv(L, w) * w - L
+    block_l = next((w for w in widths if 16 * padded(w) <= L), min(widths, key=padded))
     return max(1, TILE // block_l), block_l
 
 

@@ -70,7 +70,7 @@ def _linear_leaky_relu_kernel(X, W, B, Y, MASK, M, N, K, stride_xm, stride_xk, s
     tl.store(Y + rows64[:, None] * N + rn[None, :], y.to(Y.dtype.element_ty),
              mask=rmask[:, None] & nmask[None, :])
     if SAVE_MASK:
-        store_mask(MASK, acc, rows64, rmask, pid_n, tl.cdiv(N, 8), BLOCK_M, BLOCK_N)
+        store_mask(MASK, (acc > 0) & nmask[None, :], rows64, rmask, pid_n, tl.cdiv(N, 8), BLOCK_M, BLOCK_N)
 
 
 def input_precision(dtype: torch.dtype) -> str | None:

@@ -180,7 +180,8 @@ def _linear_triton(x, weight, bias, slope):
 
     y, mask = _fwd_outputs(x, None, slope, weight.shape[0])
     if y.numel():
-        K.linear_leaky_relu(x, weight, bias, y, mask if saves_mask(slope) else None, slope)
+        K.linear_leaky_relu(x, weight, None if bias is None else bias.contiguous(), y,
+                            mask if saves_mask(slope) else None, slope)
     return y, mask
 
 

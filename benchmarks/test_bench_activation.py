@@ -1,0 +1,51 @@
+"""pytest-benchmark suite over the bias + Leaky ReLU and Linear + Leaky ReLU cases of
+``python -m fusedstab.bench`` (quick shapes).
+
+    pytest benchmarks --benchmark-only [--benchmark-group-by=group] [-k linear_leaky_relu]
+
+Cases, providers and thunks come from fusedstab.bench; this file only parametrizes them.
+On a GPU each timed call ends with a synchronize so that pytest-benchmark's wall clock is honest;
+``python -m fusedstab.bench`` (CUDA events, L2 flushed) is the one whose numbers get recorded.
+"""
+import pytest
+import torch
+
+from fusedstab.bench import OPS, Config, load_cases
+from fusedstab.bench.timing import make_thunk
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CFG = Config(DEVICE, torch.bfloat16 if DEVICE == "cuda" else torch.float32, quick=True)
+OPS_HERE = ["bias_leaky_relu", "linear_leaky_relu"]
+CASES = [c for op in OPS_HERE if op in OPS for c in load_cases(op, CFG)]
+
+
+def _shape(c) -> str:
+    if c.op == "linear_leaky_relu":
+        return "x".join(str(c.params[k]) for k in ("M", "K", "N"))
+    return f"{c.params['shape']}-dim{c.params['dim']}-{c.params['layout']}"
+
+
+def _params():
+    for c in CASES:
+        for mode in c.modes:
+            for name, prov in c.providers.items():
+                if prov.modes is None or mode in prov.modes:
+                    yield pytest.param(c, mode, name, id=f"{c.op}-{_shape(c)}-{mode}-{name}")
+
+
+@pytest.mark.parametrize("case,mode,name", list(_params()))
+def test_activation(benchmark, case, mode, name):
+    prov = case.providers[name]
+    sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
+    benchmark.group = f"{case.label} {mode}"
+    benchmark.extra_info.update(case.params, bytes=case.bytes_moved[mode])
+    with prov.context():
+        inputs, grads = case.make_inputs()
+        thunk = (case.thunk or make_thunk)(prov.fn, inputs, grads, mode)
+        thunk()  # warm-up outside the timing (torch.compile compiles here)
+        benchmark(lambda: (thunk(), sync()))
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        median = benchmark.stats.stats.median
+        benchmark.extra_info["GB/s"] = case.bytes_moved[mode] / median / 1e9
+        if case.flops:
+            benchmark.extra_info["TFLOP/s"] = case.flops[mode] / median / 1e12
