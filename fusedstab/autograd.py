@@ -98,11 +98,17 @@ class AddLayerNormFunction(torch.autograd.Function):
 
 # ----------------------------------------------------------------------------- bias + Leaky ReLU
 def _memory_order_2d(x, dim):
-    """x's dims in memory order (largest stride first), split at ``dim`` into (outer, C, inner):
-    returns (order, permuted shape, (R, L), per_row). Rows of C (per column bias) when inner == 1,
-    e.g. a Linear output or channels_last NCHW with dim=1; else rows of inner, bias index row % C.
-    For a dense x, ``x.permute(order).reshape(R, L)`` is a view: channels_last is read in place."""
-    order = sorted(range(x.dim()), key=lambda i: -x.stride(i))
+    """x's dims in memory order, split at ``dim`` into (outer, C, inner): returns (order, permuted
+    shape, (R, L), per_row). Rows of C (per-column bias) when inner == 1, e.g. a Linear output or
+    channels_last NCHW with dim=1; else rows of inner, bias index row % C. Contiguous and
+    channels_last(_3d) x are read in place (``x.permute(order).reshape(R, L)`` is a view); any other
+    layout is read through a contiguous copy. (No sort on strides: under dynamic shapes they are
+    symbolic.)"""
+    order = list(range(x.dim()))
+    if not x.is_contiguous():
+        for fmt, nd in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+            if x.dim() == nd and x.is_contiguous(memory_format=fmt):
+                order = [0, *range(2, nd), 1]
     shape = [x.shape[i] for i in order]
     p = order.index(dim)
     outer, C, inner = math.prod(shape[:p]), shape[p], math.prod(shape[p + 1:])
@@ -166,7 +172,7 @@ class LinearLeakyReLUFunction(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         N = weight.shape[0]
         with backend.use_backend(ctx.backend) if ctx.backend else contextlib.nullcontext():
-            dz, db = _ops.bias_leaky_relu_bwd(dy.reshape(-1, N), saved, ctx.slope, False, N, x2.dtype,
+            dz, db = _ops.bias_leaky_relu_bwd(dy.reshape(x2.shape[0], N), saved, ctx.slope, False, N, x2.dtype,
                                               need_x or need_w, need_b)
         dx = (dz @ weight).view(ctx.x_shape) if need_x else None
         dw = dz.t() @ x2 if need_w else None

@@ -134,8 +134,6 @@ def _check_bias(name: str, bias, size: int, x: Tensor, what: str) -> None:
                            f"{x.device} and {bias.device}!")
     if bias.dim() != 1 or bias.shape[0] != size:
         raise RuntimeError(f"{name}: bias of shape {list(bias.shape)} must have shape [{size}] ({what})")
-    if not bias.is_floating_point():
-        raise NotImplementedError(f'"{name}" not implemented for bias of type \'{_type_name(bias.dtype)}\'')
 
 
 def bias_leaky_relu(x: Tensor, bias: Optional[Tensor], negative_slope: float = 0.01, dim: int = -1) -> Tensor:
@@ -146,7 +144,8 @@ def bias_leaky_relu(x: Tensor, bias: Optional[Tensor], negative_slope: float = 0
     output, or a 1-bit mask for negative_slope < 0, and gives dx and a deterministic dbias in one pass.
     ``bias=None`` is leaky_relu alone.
     """
-    slope = _check_act_input("bias_leaky_relu", x, negative_slope)
+    if not isinstance(x, Tensor):
+        raise TypeError(f"bias_leaky_relu(): argument 'input' must be Tensor, not {type(x).__name__}")
     nd = x.dim()
     if nd == 0:
         raise IndexError("bias_leaky_relu: input must have at least one dimension, got a 0-d tensor")
@@ -155,6 +154,13 @@ def bias_leaky_relu(x: Tensor, bias: Optional[Tensor], negative_slope: float = 0
     dim %= nd
     if bias is not None:
         _check_bias("bias_leaky_relu", bias, x.shape[dim], x, f"the size of input dimension {dim}")
+        # x + bias as torch promotes it: an integer side takes the other's floating dtype.
+        dt = torch.promote_types(x.dtype, bias.dtype)
+        if not dt.is_floating_point:  # what torch's leaky_relu raises for x + bias of this dtype
+            raise NotImplementedError(f'"bias_leaky_relu" not implemented for \'{_type_name(dt)}\'')
+        x = x if x.is_floating_point() else x.to(dt)
+        bias = bias if bias.is_floating_point() else bias.to(dt)
+    slope = _check_act_input("bias_leaky_relu", x, negative_slope)
     return BiasLeakyReLUFunction.apply(x, bias, slope, dim)
 
 
@@ -167,7 +173,8 @@ def linear_leaky_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     fp32 uses tf32 tensor cores where torch's matmuls may (``torch.backends.cuda.matmul.allow_tf32``),
     else exact fp32. Under autocast the inputs are cast as ``torch.nn.functional.linear``'s are.
     """
-    slope = _check_act_input("linear_leaky_relu", x, negative_slope)
+    if not isinstance(x, Tensor):
+        raise TypeError(f"linear_leaky_relu(): argument 'input' must be Tensor, not {type(x).__name__}")
     if not isinstance(weight, Tensor):
         raise TypeError(f"linear_leaky_relu(): argument 'weight' must be Tensor, not {type(weight).__name__}")
     if weight.dim() != 2:
@@ -181,11 +188,13 @@ def linear_leaky_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                            f"{x.device} and {weight.device}!")
     if bias is not None:
         _check_bias("linear_leaky_relu", bias, weight.shape[0], x, "out_features")
-    if torch.is_autocast_enabled(x.device.type):
+    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
         dt = torch.get_autocast_dtype(x.device.type)
         with torch.autocast(x.device.type, enabled=False):
-            return linear_leaky_relu(x.to(dt), weight.to(dt), None if bias is None else bias.to(dt), slope)
+            return linear_leaky_relu(x.to(dt), weight.to(dt), None if bias is None else bias.to(dt), negative_slope)
+    # As F.linear: mixed dtypes are refused first; same-dtype integers then fail in leaky_relu.
     for what, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.dtype != x.dtype:
             raise RuntimeError(f"expected input and {what} to have the same dtype, but got: {x.dtype} != {t.dtype}")
+    slope = _check_act_input("linear_leaky_relu", x, negative_slope)
     return LinearLeakyReLUFunction.apply(x, weight, bias, slope)

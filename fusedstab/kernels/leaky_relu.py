@@ -10,6 +10,7 @@ slope it is not, and forward packs the signs into a bit mask instead, (R, ceil(L
 byte k of a row being column 8k + j. dbias: per-program partial sums reduced afterwards, no atomics.
 """
 import functools
+import math
 
 import torch
 import triton
@@ -21,9 +22,9 @@ MAX_BLOCK_L = 1024
 
 
 @triton.jit
-def _slope(slope_hi, slope_lo, ACC_T: tl.constexpr):
-    # Triton passes Python floats as fp32: an fp64 slope travels as two fp32 halves.
-    return tl.cast(slope_hi, ACC_T) + tl.cast(slope_lo, ACC_T)
+def _slope(slope_a, slope_b, slope_c, ACC_T: tl.constexpr):
+    # Triton passes Python floats as fp32: an fp64 slope travels as three fp32 parts (72 bits >= 53).
+    return tl.cast(slope_a, ACC_T) + tl.cast(slope_b, ACC_T) + tl.cast(slope_c, ACC_T)
 
 
 @triton.jit
@@ -44,7 +45,7 @@ def store_mask(MASK, pos, rows64, rmask, col_tile, L8,
 
 
 @triton.jit
-def _fwd_kernel(X, B, Y, MASK, R, L, C, L8, stride_xr, stride_xc, n_col_tiles, slope_hi, slope_lo,
+def _fwd_kernel(X, B, Y, MASK, R, L, C, L8, stride_xr, stride_xc, n_col_tiles, slope_a, slope_b, slope_c,
                 HAS_B: tl.constexpr, PER_ROW: tl.constexpr, SAVE_MASK: tl.constexpr,
                 ACC_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
     pid = tl.program_id(0)
@@ -60,7 +61,7 @@ def _fwd_kernel(X, B, Y, MASK, R, L, C, L8, stride_xr, stride_xc, n_col_tiles, s
             z += tl.load(B + rows % C, mask=rmask, other=0.0).to(ACC_T)[:, None]
         else:
             z += tl.load(B + cols, mask=cmask, other=0.0).to(ACC_T)[None, :]
-    y = tl.where(z > 0, z, z * _slope(slope_hi, slope_lo, ACC_T))
+    y = tl.where(z > 0, z, z * _slope(slope_a, slope_b, slope_c, ACC_T))
     tl.store(Y + rows64[:, None] * L + cols64[None, :], y.to(Y.dtype.element_ty), mask=mask)
     if SAVE_MASK:
         store_mask(MASK, (z > 0) & mask, rows64, rmask, col_tile, L8, BLOCK_R, BLOCK_L)
@@ -68,7 +69,7 @@ def _fwd_kernel(X, B, Y, MASK, R, L, C, L8, stride_xr, stride_xc, n_col_tiles, s
 
 @triton.jit
 def _bwd_kernel(DY, S, DX, DBP, R, L, L8, stride_dyr, stride_dyc, stride_sr, stride_sc,
-                n_row_tiles, n_col_tiles, slope_hi, slope_lo,
+                n_row_tiles, n_col_tiles, slope_a, slope_b, slope_c,
                 USE_MASK: tl.constexpr, WRITE_DX: tl.constexpr, HAS_DB: tl.constexpr,
                 PER_ROW: tl.constexpr, ACC_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
     """Persistent over row tiles: program (g, col_tile) takes row tiles g, g + G, ... of one column
@@ -81,7 +82,7 @@ def _bwd_kernel(DY, S, DX, DBP, R, L, L8, stride_dyr, stride_dyc, stride_sr, str
     cols = col_tile * BLOCK_L + tl.arange(0, BLOCK_L)
     cmask = cols < L
     cols64 = cols.to(tl.int64)
-    slope = _slope(slope_hi, slope_lo, ACC_T)
+    slope = _slope(slope_a, slope_b, slope_c, ACC_T)
     acc = tl.zeros((BLOCK_R, BLOCK_L), ACC_T)
     for t in range(g, n_row_tiles, G):
         rows = t * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -112,9 +113,14 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def split_slope(slope: float) -> tuple[float, float]:
-    hi = float(torch.tensor(slope, dtype=torch.float32))
-    return hi, float(slope - hi) if hi == hi and abs(hi) != float("inf") else 0.0
+def split_slope(slope: float) -> tuple[float, float, float]:
+    """fp32 parts whose fp64 sum is exactly ``slope`` (NaN and inf: the first part alone)."""
+    parts = []
+    for _ in range(3):
+        part = float(torch.tensor(slope, dtype=torch.float32))
+        parts.append(part)
+        slope = slope - part if math.isfinite(part) else 0.0
+    return tuple(parts)
 
 
 def _blocks(L: int) -> tuple[int, int]:

@@ -32,7 +32,7 @@ def _configs():
 @triton.autotune(configs=_configs(), key=["M", "N", "K", "INPUT_PRECISION"])
 @triton.jit
 def _linear_leaky_relu_kernel(X, W, B, Y, MASK, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
-                              slope_hi, slope_lo, HAS_B: tl.constexpr, SAVE_MASK: tl.constexpr,
+                              slope_a, slope_b, slope_c, HAS_B: tl.constexpr, SAVE_MASK: tl.constexpr,
                               INPUT_PRECISION: tl.constexpr, ACC_T: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                               GROUP_M: tl.constexpr):
@@ -64,7 +64,7 @@ def _linear_leaky_relu_kernel(X, W, B, Y, MASK, M, N, K, stride_xm, stride_xk, s
     nmask = rn < N
     if HAS_B:
         acc += tl.load(B + rn, mask=nmask, other=0.0).to(ACC_T)[None, :]
-    y = tl.where(acc > 0, acc, acc * _slope(slope_hi, slope_lo, ACC_T))
+    y = tl.where(acc > 0, acc, acc * _slope(slope_a, slope_b, slope_c, ACC_T))
     rmask = rm < M
     rows64 = rm.to(tl.int64)
     tl.store(Y + rows64[:, None] * N + rn[None, :], y.to(Y.dtype.element_ty),

@@ -88,7 +88,7 @@ def _bias_2d(bias: Tensor, R: int, per_row: bool) -> Tensor:
 def pack_mask(pos: Tensor) -> Tensor:
     """(R, L) bool -> (R, ceil(L/8)) uint8, column 8k + j in bit j of byte k."""
     R, L = pos.shape
-    padded = torch.nn.functional.pad(pos.to(torch.uint8), (0, (-L) % 8)).view(R, -1, 8)
+    padded = torch.nn.functional.pad(pos.to(torch.uint8), (0, (-L) % 8)).view(R, (L + 7) // 8, 8)
     shifts = torch.arange(8, device=pos.device, dtype=torch.uint8)
     return (padded << shifts).sum(-1, dtype=torch.uint8)
 
@@ -99,7 +99,7 @@ def unpack_mask(mask: Tensor, L: int) -> Tensor:
 
 
 def _activate(z: Tensor, slope: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    y = torch.where(z > 0, z, z * slope).to(out_dtype)
+    y = torch.where(z > 0, z, z * slope).to(out_dtype).contiguous()  # as the op promises
     mask = pack_mask(z > 0) if saves_mask(slope) else z.new_empty(_EMPTY, dtype=torch.uint8)
     return y, mask
 
@@ -114,11 +114,13 @@ def _fwd_torch(x, bias, slope, per_row):
 
 def _bwd_torch(dy, saved, slope, per_row, C, dx_dtype, need_dx, need_dbias):
     dx, db = _bwd_outputs(dy, C, dx_dtype, need_dx, need_dbias)
+    if not dy.numel():
+        return dx.zero_(), db.zero_()
     pos = unpack_mask(saved, dy.shape[1]) if saves_mask(slope) else saved > 0
     g = dy.to(db.dtype)
     dz = torch.where(pos, g, g * slope)
     if need_dx:
-        dx = dz.to(dx_dtype)
+        dx = dz.to(dx_dtype).contiguous()
     if need_dbias:
         db = dz.sum(1).view(-1, C).sum(0) if per_row else dz.sum(0)
     return dx, db
