@@ -97,6 +97,12 @@ class AddLayerNormFunction(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------- bias + Leaky ReLU
+def _in_place_layout(x) -> bool:
+    """Contiguous and channels_last(_3d): the layouts the kernels read in place and give back."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    return x.is_contiguous() or (fmt is not None and x.is_contiguous(memory_format=fmt))
+
+
 def _memory_order_2d(x, dim):
     """x's dims in memory order, split at ``dim`` into (outer, C, inner): returns (order, permuted
     shape, (R, L), per_row). Rows of C (per-column bias) when inner == 1, e.g. a Linear output or
@@ -105,10 +111,8 @@ def _memory_order_2d(x, dim):
     layout is read through a contiguous copy. (No sort on strides: under dynamic shapes they are
     symbolic.)"""
     order = list(range(x.dim()))
-    if not x.is_contiguous():
-        for fmt, nd in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
-            if x.dim() == nd and x.is_contiguous(memory_format=fmt):
-                order = [0, *range(2, nd), 1]
+    if not x.is_contiguous() and _in_place_layout(x):  # channels_last(_3d)
+        order = [0, *range(2, x.dim()), 1]
     shape = [x.shape[i] for i in order]
     p = order.index(dim)
     outer, C, inner = math.prod(shape[:p]), shape[p], math.prod(shape[p + 1:])
@@ -177,3 +181,33 @@ class LinearLeakyReLUFunction(torch.autograd.Function):
         dx = (dz @ weight).view(ctx.x_shape) if need_x else None
         dw = dz.t() @ x2 if need_w else None
         return dx, dw, db.to(x2.dtype) if need_b else None, None
+
+
+# ----------------------------------------------------------------------------- GroupNorm (+ activation)
+def _channels_view(x):
+    """(N, C, S) view of x (N, C, *): contiguous and channels_last(_3d) inputs stay views (the kernels
+    read them in place with their strides); other layouts are read through a contiguous copy."""
+    x = x if _in_place_layout(x) else x.contiguous()
+    return x.unsqueeze(-1) if x.dim() == 2 else x.flatten(2)
+
+
+class GroupNormFunction(torch.autograd.Function):
+    """``GroupNormFunction.apply(input, num_groups, weight, bias, eps, activation, negative_slope)
+    -> act(group_norm(input))``, activation one of "none", "relu", "leaky_relu", "silu"."""
+
+    @staticmethod
+    def forward(ctx, x, num_groups, weight, bias, eps, activation, negative_slope):
+        x3 = _channels_view(x)
+        y3, mean, rstd = _ops.group_norm_fwd(x3, weight, bias, num_groups, eps, activation, negative_slope)
+        ctx.backend = None if torch.compiler.is_compiling() else backend.get_backend()
+        ctx.args = (num_groups, activation, negative_slope)
+        ctx.save_for_backward(x3, weight, bias, mean, rstd)
+        return y3.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x3, w, b, mean, rstd = ctx.saved_tensors
+        with backend.use_backend(ctx.backend) if ctx.backend else contextlib.nullcontext():
+            dx3, dw, db = _ops.group_norm_bwd(dy.reshape(x3.shape), x3, w, b, mean, rstd, *ctx.args)
+        return (dx3.view(dy.shape), None, None if w is None else dw.to(w.dtype),
+                None if b is None else db.to(b.dtype), None, None, None)

@@ -8,11 +8,11 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .autograd import (AddLayerNormFunction, BiasLeakyReLUFunction, LayerNormFunction, LinearLeakyReLUFunction,
-                       RMSNormFunction)
+from .autograd import (AddLayerNormFunction, BiasLeakyReLUFunction, GroupNormFunction, LayerNormFunction,
+                       LinearLeakyReLUFunction, RMSNormFunction)
 from .reference import acc_dtype
 
-__all__ = ["layer_norm", "rms_norm", "add_layer_norm", "bias_leaky_relu", "linear_leaky_relu"]
+__all__ = ["layer_norm", "rms_norm", "add_layer_norm", "bias_leaky_relu", "linear_leaky_relu", "group_norm"]
 
 
 def _check_norm_args(name: str, input: Tensor, normalized_shape, params: dict) -> tuple:
@@ -198,3 +198,49 @@ def linear_leaky_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
             raise RuntimeError(f"expected input and {what} to have the same dtype, but got: {x.dtype} != {t.dtype}")
     slope = _check_act_input("linear_leaky_relu", x, negative_slope)
     return LinearLeakyReLUFunction.apply(x, weight, bias, slope)
+
+
+# ----------------------------------------------------------------------------- GroupNorm
+ACTIVATIONS = (None, "relu", "leaky_relu", "silu")
+
+
+def check_activation(activation, negative_slope) -> tuple[str, float]:
+    """(activation name for the ops, slope): None means "none"."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if not isinstance(negative_slope, numbers.Real):
+        raise TypeError(f"negative_slope must be a number, not {type(negative_slope).__name__}")
+    return activation or "none", float(negative_slope)
+
+
+def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+               eps: float = 1e-5, activation: Optional[str] = None, negative_slope: float = 0.01) -> Tensor:
+    """Drop-in for ``torch.nn.functional.group_norm``, then ``activation`` (None, "relu", "leaky_relu"
+    with ``negative_slope``, "silu") in the same kernel, forward and backward.
+
+    Input (N, C, *): NCHW and channels_last(_3d) are read in place and the output keeps the layout;
+    each group's reduction is split across programs, so batch 1 fills the GPU. Statistics in fp32
+    (fp64 for fp64 input); dweight and dbias are deterministic.
+    """
+    if not isinstance(input, Tensor):
+        raise TypeError(f"group_norm(): argument 'input' must be Tensor, not {type(input).__name__}")
+    act, slope = check_activation(activation, negative_slope)
+    if input.dim() < 2:
+        raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {input.dim()}")
+    C = input.shape[1]
+    if num_groups <= 0 or C % num_groups:
+        raise RuntimeError("Expected number of channels in input to be divisible by num_groups, but got input "
+                           f"of shape {list(input.shape)} and num_groups={num_groups}")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        if p.dim() != 1 or p.shape[0] != C:
+            raise RuntimeError(f"Expected {name} to be a vector of size equal to the number of channels in "
+                               f"input, but got {name} of shape {list(p.shape)} and input of shape "
+                               f"{list(input.shape)}")
+        if p.device != input.device:
+            raise RuntimeError("Expected all tensors to be on the same device, but found at least two devices, "
+                               f"{input.device} and {p.device}!")
+    if not input.is_floating_point():
+        raise NotImplementedError(f'"group_norm" not implemented for \'{_type_name(input.dtype)}\'')
+    return GroupNormFunction.apply(input, int(num_groups), weight, bias, float(eps), act, slope)

@@ -137,3 +137,61 @@ def linear_leaky_relu(x: Tensor, weight: Tensor, bias: Tensor | None = None,
                       negative_slope: float = 0.01) -> Tensor:
     """leaky_relu(x @ weight.T + bias)."""
     return torch.nn.functional.leaky_relu(torch.nn.functional.linear(x, weight, bias), negative_slope)
+
+
+# ----------------------------------------------------------------------------- GroupNorm (+ activation)
+def activate(z: Tensor, act: str, negative_slope: float = 0.01) -> Tensor:
+    """The activations the norms can fuse: "none", "relu", "leaky_relu", "silu"."""
+    F = torch.nn.functional
+    return {"none": lambda t: t, "relu": F.relu, "leaky_relu": lambda t: F.leaky_relu(t, negative_slope),
+            "silu": F.silu}[act](z)
+
+
+def activate_grad(dy: Tensor, z: Tensor, act: str, negative_slope: float) -> Tensor:
+    """dy * act'(z), act' as torch's backward defines it (at z == 0: relu 0, leaky_relu the slope)."""
+    if act == "relu":
+        return torch.where(z > 0, dy, torch.zeros_like(dy))
+    if act == "leaky_relu":
+        return torch.where(z > 0, dy, dy * negative_slope)
+    if act == "silu":
+        s = torch.sigmoid(z)
+        return dy * s * (1 + z * (1 - s))
+    return dy
+
+
+def group_norm(input: Tensor, num_groups: int, weight: Tensor | None = None, bias: Tensor | None = None,
+               eps: float = 1e-5, activation: str | None = None, negative_slope: float = 0.01) -> Tensor:
+    """torch.nn.functional.group_norm followed by the activation (None: none)."""
+    y = torch.nn.functional.group_norm(input, num_groups, weight, bias, eps)
+    return activate(y, activation or "none", negative_slope)
+
+
+def group_norm_fwd(x: Tensor, weight, bias, G: int, eps: float, act: str, slope: float):
+    """x (N, C, S) -> (act(z) in x's dtype, mean (N, G), rstd (N, G)) in the accumulation dtype,
+    z = xhat * weight + bias, all computed in the accumulation dtype."""
+    N, C, S = x.shape
+    acc = acc_dtype(x.dtype)
+    xg = x.to(acc).reshape(N, G, -1)
+    mean = xg.mean(-1)
+    rstd = torch.rsqrt(xg.var(-1, unbiased=False) + eps)
+    z = _affine(((xg - mean[..., None]) * rstd[..., None]).reshape(N, C, S), weight, bias)
+    return activate(z, act, slope).to(x.dtype), mean, rstd
+
+
+def _affine(xhat: Tensor, weight, bias) -> Tensor:
+    z = xhat if weight is None else xhat * weight.to(xhat.dtype)[:, None]
+    return z if bias is None else z + bias.to(xhat.dtype)[:, None]
+
+
+def group_norm_bwd(dy: Tensor, x: Tensor, weight, bias, mean: Tensor, rstd: Tensor, G: int, act: str,
+                   slope: float):
+    """Gradients of group_norm_fwd: (dx in x's dtype, dweight, dbias in the accumulation dtype)."""
+    N, C, S = x.shape
+    acc = mean.dtype
+    xg = x.to(acc).reshape(N, G, -1)
+    xhat = ((xg - mean[..., None]) * rstd[..., None]).reshape(N, C, S)
+    dz = activate_grad(dy.to(acc), _affine(xhat, weight, bias), act, slope)
+    gw = dz if weight is None else dz * weight.to(acc)[:, None]
+    gwg, xhg = gw.reshape(N, G, -1), xhat.reshape(N, G, -1)
+    dx = rstd[..., None] * (gwg - gwg.mean(-1, keepdim=True) - xhg * (gwg * xhg).mean(-1, keepdim=True))
+    return dx.reshape(N, C, S).to(x.dtype), (dz * xhat).sum((0, 2)), dz.sum((0, 2))

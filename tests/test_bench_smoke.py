@@ -19,7 +19,8 @@ ROW_KEYS = {"op", "mode", "provider", "dtype", "ms", "bytes", "gbps", "pct_copy"
             "speedup_vs_eager", "speedup_vs_compile", "max_rel_err"}
 SHAPE_KEYS = {"clip_grad_norm": {"model", "tensors", "numel"},  # every other op: rows of N, M of them
               "bias_leaky_relu": {"shape", "dim", "layout", "numel"},
-              "linear_leaky_relu": {"M", "K", "N", "tflops"}}
+              "linear_leaky_relu": {"M", "K", "N", "tflops"},
+              "group_norm": {"shape", "groups", "layout", "act"}}
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

@@ -20,6 +20,7 @@ OPS = {
     "clip_grad_norm": "fusedstab.bench.clip:clip_grad_norm",
     "bias_leaky_relu": "fusedstab.bench.activation:bias_leaky_relu",
     "linear_leaky_relu": "fusedstab.bench.activation:linear_leaky_relu",
+    "group_norm": "fusedstab.bench.group_norm:group_norm",
 }
 
 

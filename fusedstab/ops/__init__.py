@@ -2,3 +2,4 @@
 from . import layer_norm  # noqa: F401  (fusedstab::layer_norm_fwd / _bwd)
 from . import multi_tensor  # noqa: F401  (fusedstab::multi_tensor_norm / _scale_)
 from . import leaky_relu  # noqa: F401  (fusedstab::bias_leaky_relu_fwd / _bwd, linear_leaky_relu_fwd)
+from . import group_norm  # noqa: F401  (fusedstab::group_norm_fwd / _bwd)

@@ -1,0 +1,242 @@
+"""Triton GroupNorm kernels (forward and backward, optional fused activation) and their launchers.
+
+x is seen as (N, C, S) with any strides (NCHW: (C*S, S, 1); channels_last: (S*C, 1, C)), read in
+place. Group (n, g) is the (C/G, S) block of channels g*C/G.. of sample n. Each group's reduction is
+split over SPLIT programs (grid (N*G, SPLIT)) so that batch 1 with 32 groups still fills the GPU;
+program ``split`` takes the spatial tiles split, split + SPLIT, ... of every channel tile.
+
+Forward: pass 1 writes per-program partial sums of (x - K) and (x - K)^2, K = the group's first
+element (a shift that keeps the one-pass variance accurate when |mean| >> std); the host side sums
+them (a fixed order: deterministic) into mean and rstd; pass 2 normalizes, applies weight and bias,
+then the activation. Backward: pass 1 writes per-group partials of sum(gw), sum(gw * xhat) and
+per-channel partials of dweight, dbias (gw = dz * w, dz = dy * act'(z), z recomputed from x);
+pass 2 writes dx = rstd * (gw - mean(gw) - xhat * mean(gw * xhat)).
+"""
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .leaky_relu import _ACC, _acc, _slope, split_slope
+
+ACTIVATIONS = {"none": 0, "relu": 1, "leaky_relu": 2, "silu": 3}
+TILE = 2048
+
+
+@triton.jit
+def _act(z, ACT: tl.constexpr, slope):
+    if ACT == 1:
+        return tl.where(z > 0, z, 0.0)
+    elif ACT == 2:
+        return tl.where(z > 0, z, z * slope)
+    elif ACT == 3:
+        return z / (1.0 + tl.exp(-z))
+    else:
+        return z
+
+
+@triton.jit
+def _act_grad(dy, z, ACT: tl.constexpr, slope):
+    if ACT == 1:
+        return tl.where(z > 0, dy, 0.0)
+    elif ACT == 2:
+        return tl.where(z > 0, dy, dy * slope)
+    elif ACT == 3:
+        s = 1.0 / (1.0 + tl.exp(-z))
+        return dy * s * (1.0 + z * (1.0 - s))
+    else:
+        return dy
+
+
+@triton.jit
+def _tile(n, g, ct, st, Cg, S, sn, sc, ss, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Offsets (int64), channel indices and mask of tile (ct, st) of group (n, g)."""
+    c = ct * BLOCK_C + tl.arange(0, BLOCK_C)
+    s = st * BLOCK_S + tl.arange(0, BLOCK_S)
+    ch = g * Cg + c
+    offs = n.to(tl.int64) * sn + ch.to(tl.int64)[:, None] * sc + s.to(tl.int64)[None, :] * ss
+    return offs, ch, (c < Cg)[:, None] & (s < S)[None, :]
+
+
+@triton.jit
+def _fwd_stats_kernel(X, PART, G, Cg, S, sn, sc, ss, n_ct, n_st, ACC_T: tl.constexpr,
+                      BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    ng, split, SPLIT = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+    n, g = ng // G, ng % G
+    K = tl.load(X + n.to(tl.int64) * sn + (g * Cg).to(tl.int64) * sc).to(ACC_T)
+    s1 = tl.zeros((BLOCK_C, BLOCK_S), ACC_T)
+    s2 = tl.zeros((BLOCK_C, BLOCK_S), ACC_T)
+    for ct in range(0, n_ct):
+        for st in range(split, n_st, SPLIT):
+            offs, ch, mask = _tile(n, g, ct, st, Cg, S, sn, sc, ss, BLOCK_C, BLOCK_S)
+            d = tl.where(mask, tl.load(X + offs, mask=mask, other=0.0).to(ACC_T) - K, 0.0)
+            s1 += d
+            s2 += d * d
+    out = PART + (ng.to(tl.int64) * SPLIT + split) * 2
+    tl.store(out, tl.sum(tl.sum(s1, axis=1), axis=0))
+    tl.store(out + 1, tl.sum(tl.sum(s2, axis=1), axis=0))
+
+
+@triton.jit
+def _fwd_norm_kernel(X, W, B, Y, MEAN, RSTD, G, Cg, S, sn, sc, ss, yn, yc, ys, n_ct, n_st,
+                     slope_a, slope_b, slope_c, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                     ACT: tl.constexpr, ACC_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    ng, split, SPLIT = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+    n, g = ng // G, ng % G
+    mean = tl.load(MEAN + ng)
+    rstd = tl.load(RSTD + ng)
+    slope = _slope(slope_a, slope_b, slope_c, ACC_T)
+    for ct in range(0, n_ct):
+        for st in range(split, n_st, SPLIT):
+            offs, ch, mask = _tile(n, g, ct, st, Cg, S, sn, sc, ss, BLOCK_C, BLOCK_S)
+            z = (tl.load(X + offs, mask=mask, other=0.0).to(ACC_T) - mean) * rstd
+            cmask = ch < (g + 1) * Cg
+            if HAS_W:
+                z = z * tl.load(W + ch, mask=cmask, other=0.0).to(ACC_T)[:, None]
+            if HAS_B:
+                z = z + tl.load(B + ch, mask=cmask, other=0.0).to(ACC_T)[:, None]
+            y_offs, _, _ = _tile(n, g, ct, st, Cg, S, yn, yc, ys, BLOCK_C, BLOCK_S)
+            tl.store(Y + y_offs, _act(z, ACT, slope).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_load(DY, X, W, B, offs, dy_offs, ch, mask, cmask, mean, rstd, slope,
+              HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, ACC_T: tl.constexpr):
+    """(xhat, dz, gw) of one tile: dz = dy * act'(z), gw = dz * w; zero where masked."""
+    xhat = tl.where(mask, (tl.load(X + offs, mask=mask, other=0.0).to(ACC_T) - mean) * rstd, 0.0)
+    dy = tl.load(DY + dy_offs, mask=mask, other=0.0).to(ACC_T)
+    if HAS_W:
+        w = tl.load(W + ch, mask=cmask, other=0.0).to(ACC_T)[:, None]
+    else:
+        w = 1.0
+    if ACT != 0:
+        z = xhat * w
+        if HAS_B:
+            z = z + tl.load(B + ch, mask=cmask, other=0.0).to(ACC_T)[:, None]
+        dy = _act_grad(dy, z, ACT, slope)
+    return xhat, dy, dy * w
+
+
+@triton.jit
+def _bwd_reduce_kernel(DY, X, W, B, MEAN, RSTD, GPART, CPART, G, C, Cg, S, sn, sc, ss, dn, dc, ds,
+                       n_ct, n_st, slope_a, slope_b, slope_c,
+                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, ACC_T: tl.constexpr,
+                       BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """GPART (N*G, SPLIT, 2): sum(gw), sum(gw * xhat); CPART (N, SPLIT, 2, C): per channel sum(dz * xhat)
+    (dweight) and sum(dz) (dbias) over this program's spatial tiles."""
+    ng, split, SPLIT = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+    n, g = ng // G, ng % G
+    mean = tl.load(MEAN + ng)
+    rstd = tl.load(RSTD + ng)
+    slope = _slope(slope_a, slope_b, slope_c, ACC_T)
+    a = tl.zeros((BLOCK_C, BLOCK_S), ACC_T)
+    b = tl.zeros((BLOCK_C, BLOCK_S), ACC_T)
+    cpart = CPART + (n.to(tl.int64) * SPLIT + split) * 2 * C
+    for ct in range(0, n_ct):
+        dw = tl.zeros((BLOCK_C, BLOCK_S), ACC_T)
+        db = tl.zeros((BLOCK_C, BLOCK_S), ACC_T)
+        for st in range(split, n_st, SPLIT):
+            offs, ch, mask = _tile(n, g, ct, st, Cg, S, sn, sc, ss, BLOCK_C, BLOCK_S)
+            dy_offs, _, _ = _tile(n, g, ct, st, Cg, S, dn, dc, ds, BLOCK_C, BLOCK_S)
+            xhat, dz, gw = _bwd_load(DY, X, W, B, offs, dy_offs, ch, mask, ch < (g + 1) * Cg, mean, rstd,
+                                     slope, HAS_W, HAS_B, ACT, ACC_T)
+            a += gw
+            b += gw * xhat
+            dw += dz * xhat
+            db += dz
+        c = ct * BLOCK_C + tl.arange(0, BLOCK_C)
+        ch = g * Cg + c
+        tl.store(cpart + ch, tl.sum(dw, axis=1), mask=c < Cg)
+        tl.store(cpart + C + ch, tl.sum(db, axis=1), mask=c < Cg)
+    out = GPART + (ng.to(tl.int64) * SPLIT + split) * 2
+    tl.store(out, tl.sum(tl.sum(a, axis=1), axis=0))
+    tl.store(out + 1, tl.sum(tl.sum(b, axis=1), axis=0))
+
+
+@triton.jit
+def _bwd_dx_kernel(DY, X, W, B, DX, MEAN, RSTD, SUMS, G, Cg, S, sn, sc, ss, dn, dc, ds, xn, xc, xs,
+                   n_ct, n_st, count, slope_a, slope_b, slope_c,
+                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, ACC_T: tl.constexpr,
+                   BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    ng, split, SPLIT = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+    n, g = ng // G, ng % G
+    mean = tl.load(MEAN + ng)
+    rstd = tl.load(RSTD + ng)
+    mean_gw = tl.load(SUMS + ng * 2) / count
+    mean_gwx = tl.load(SUMS + ng * 2 + 1) / count
+    slope = _slope(slope_a, slope_b, slope_c, ACC_T)
+    for ct in range(0, n_ct):
+        for st in range(split, n_st, SPLIT):
+            offs, ch, mask = _tile(n, g, ct, st, Cg, S, sn, sc, ss, BLOCK_C, BLOCK_S)
+            dy_offs, _, _ = _tile(n, g, ct, st, Cg, S, dn, dc, ds, BLOCK_C, BLOCK_S)
+            xhat, dz, gw = _bwd_load(DY, X, W, B, offs, dy_offs, ch, mask, ch < (g + 1) * Cg, mean, rstd,
+                                     slope, HAS_W, HAS_B, ACT, ACC_T)
+            dx = rstd * (gw - mean_gw - xhat * mean_gwx)
+            dx_offs, _, _ = _tile(n, g, ct, st, Cg, S, xn, xc, xs, BLOCK_C, BLOCK_S)
+            tl.store(DX + dx_offs, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+def _blocks(Cg: int, S: int, channels_inner: bool) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_S): contiguous along S for NCHW, along the group's channels for channels_last."""
+    if channels_inner:
+        bc = max(2, min(triton.next_power_of_2(Cg), 128))
+        return bc, max(2, min(triton.next_power_of_2(S), TILE // bc))
+    bs = max(2, min(triton.next_power_of_2(S), 1024))
+    return max(2, min(triton.next_power_of_2(Cg), TILE // bs)), bs
+
+
+@functools.lru_cache(None)
+def _target_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 8 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _plan(x, G):
+    N, C, S = x.shape
+    Cg = C // G
+    BLOCK_C, BLOCK_S = _blocks(Cg, S, x.stride(1) == 1 and x.stride(2) != 1)
+    n_ct, n_st = triton.cdiv(Cg, BLOCK_C), triton.cdiv(S, BLOCK_S)
+    split = max(1, min(n_st, triton.cdiv(_target_programs(x.device), N * G)))
+    return dict(Cg=Cg, S=S, n_ct=n_ct, n_st=n_st, BLOCK_C=BLOCK_C, BLOCK_S=BLOCK_S), (N * G, split)
+
+
+def fwd_stats(x, G):
+    """Per-program partial sums (N*G, SPLIT, 2) of (x - K), (x - K)^2 and the shift K (N, G)."""
+    p, grid = _plan(x, G)
+    acc = _acc(x.dtype)
+    part = x.new_empty((grid[0], grid[1], 2), dtype=acc)
+    _fwd_stats_kernel[grid](x, part, G, p["Cg"], p["S"], *x.stride(), p["n_ct"], p["n_st"], ACC_T=_ACC[acc],
+                            BLOCK_C=p["BLOCK_C"], BLOCK_S=p["BLOCK_S"], num_warps=4)
+    return part
+
+
+def fwd_norm(x, w, b, y, mean, rstd, G, act, slope):
+    p, grid = _plan(x, G)
+    _fwd_norm_kernel[grid](x, w, b, y, mean, rstd, G, p["Cg"], p["S"], *x.stride(), *y.stride(),
+                           p["n_ct"], p["n_st"], *split_slope(slope), HAS_W=w is not None, HAS_B=b is not None,
+                           ACT=ACTIVATIONS[act], ACC_T=_ACC[mean.dtype], BLOCK_C=p["BLOCK_C"],
+                           BLOCK_S=p["BLOCK_S"], num_warps=4)
+
+
+def bwd_reduce(dy, x, w, b, mean, rstd, G, act, slope):
+    """(GPART (N*G, SPLIT, 2), CPART (N, SPLIT, 2, C)): see _bwd_reduce_kernel."""
+    p, grid = _plan(x, G)
+    N, C, _ = x.shape
+    gpart = x.new_empty((grid[0], grid[1], 2), dtype=mean.dtype)
+    cpart = x.new_empty((N, grid[1], 2, C), dtype=mean.dtype)  # every entry written
+    _bwd_reduce_kernel[grid](dy, x, w, b, mean, rstd, gpart, cpart, G, C, p["Cg"], p["S"], *x.stride(),
+                             *dy.stride(), p["n_ct"], p["n_st"], *split_slope(slope),
+                             HAS_W=w is not None, HAS_B=b is not None, ACT=ACTIVATIONS[act],
+                             ACC_T=_ACC[mean.dtype], BLOCK_C=p["BLOCK_C"], BLOCK_S=p["BLOCK_S"], num_warps=4)
+    return gpart, cpart
+
+
+def bwd_dx(dy, x, w, b, dx, mean, rstd, sums, G, act, slope):
+    p, grid = _plan(x, G)
+    _bwd_dx_kernel[grid](dy, x, w, b, dx, mean, rstd, sums, G, p["Cg"], p["S"], *x.stride(), *dy.stride(),
+                         *dx.stride(), p["n_ct"], p["n_st"], p["Cg"] * p["S"], *split_slope(slope),
+                         HAS_W=w is not None, HAS_B=b is not None, ACT=ACTIVATIONS[act],
+                         ACC_T=_ACC[mean.dtype], BLOCK_C=p["BLOCK_C"], BLOCK_S=p["BLOCK_S"], num_warps=4)

@@ -1,0 +1,137 @@
+"""GroupNorm with an optional fused activation, as torch.library custom ops.
+
+``fusedstab::group_norm_fwd(x, weight, bias, num_groups, eps, activation, slope) -> (y, mean, rstd)``
+``fusedstab::group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, activation, slope)
+  -> (dx, dweight, dbias)``
+
+x is an (N, C, S) view with any strides (fusedstab.autograd flattens the spatial dims so that NCHW
+and channels_last are both views); y and dx are ``empty_like(x)`` (the same strides when x is dense).
+mean and rstd are (N, G) in the accumulation dtype. ``activation`` is "none", "relu", "leaky_relu"
+(with ``slope``) or "silu", applied to weight * xhat + bias; backward recomputes its input from x.
+dweight / dbias come back in the accumulation dtype, empty when weight / bias is None.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import backend, reference
+from ..reference import acc_dtype
+
+_EMPTY = (0,)
+
+
+def _stats(x, G):
+    acc = acc_dtype(x.dtype)
+    return x.new_empty((x.shape[0], G), dtype=acc), x.new_empty((x.shape[0], G), dtype=acc)
+
+
+@torch.library.custom_op("fusedstab::group_norm_fwd", mutates_args=())
+def group_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int, eps: float,
+                   activation: str, slope: float) -> tuple[Tensor, Tensor, Tensor]:
+    return backend.dispatch("group_norm_fwd", x.device.type, x, weight, bias, num_groups, eps, activation, slope)
+
+
+@group_norm_fwd.register_fake
+def _(x, weight, bias, num_groups, eps, activation, slope):
+    return (torch.empty_like(x), *_stats(x, num_groups))
+
+
+@torch.library.custom_op("fusedstab::group_norm_bwd", mutates_args=())
+def group_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
+                   rstd: Tensor, num_groups: int, activation: str, slope: float) -> tuple[Tensor, Tensor, Tensor]:
+    return backend.dispatch("group_norm_bwd", x.device.type, dy, x, weight, bias, mean, rstd, num_groups,
+                            activation, slope)
+
+
+def _bwd_outputs(x, weight, bias, acc):
+    dw = x.new_empty(_EMPTY if weight is None else weight.shape, dtype=acc)
+    db = x.new_empty(_EMPTY if bias is None else bias.shape, dtype=acc)
+    return torch.empty_like(x), dw, db
+
+
+@group_norm_bwd.register_fake
+def _(dy, x, weight, bias, mean, rstd, num_groups, activation, slope):
+    return _bwd_outputs(x, weight, bias, mean.dtype)
+
+
+def _empty_fwd(x, G):
+    mean, rstd = _stats(x, G)
+    return torch.empty_like(x), mean.zero_(), rstd.fill_(float("nan"))  # groups of no elements
+
+
+# ----------------------------------------------------------------------------- torch backend
+def _fwd_torch(x, weight, bias, G, eps, act, slope):
+    if not x.numel():
+        return _empty_fwd(x, G)
+    y, mean, rstd = reference.group_norm_fwd(x, weight, bias, G, eps, act, slope)
+    out = torch.empty_like(x)
+    out.copy_(y)  # in x's layout, as the op promises
+    return out, mean, rstd
+
+
+def _bwd_torch(dy, x, weight, bias, mean, rstd, G, act, slope):
+    dx, dw, db = _bwd_outputs(x, weight, bias, mean.dtype)
+    if not x.numel():
+        return dx, dw.zero_(), db.zero_()
+    gx, gw, gb = reference.group_norm_bwd(dy, x, weight, bias, mean, rstd, G, act, slope)
+    dx.copy_(gx)
+    return dx, (dw if weight is None else dw.copy_(gw)), (db if bias is None else db.copy_(gb))
+
+
+backend.register("group_norm_fwd", "torch", _fwd_torch)
+backend.register("group_norm_bwd", "torch", _bwd_torch)
+
+
+# ----------------------------------------------------------------------------- triton backend
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _triton_ok(*args) -> str | None:
+    for t in args:
+        if isinstance(t, Tensor) and t.dtype not in _FLOATS:
+            return f"dtype {t.dtype} is not supported by the triton kernels"
+    return None
+
+
+def _dense(p: Optional[Tensor]) -> Optional[Tensor]:
+    return None if p is None else p.contiguous()
+
+
+def _fwd_triton(x, weight, bias, G, eps, act, slope):
+    from ..kernels import group_norm as K
+
+    if not x.numel():
+        return _empty_fwd(x, G)
+    N, C, S = x.shape
+    part = K.fwd_stats(x, G).sum(1)  # (N*G, 2): a fixed-order sum of the per-program partials
+    shift = x[:, :: C // G, 0].to(part.dtype).reshape(-1)  # the kernel's K: each group's first element
+    m1 = part[:, 0] / (C // G * S)
+    mean = (shift + m1).view(N, G)
+    rstd = torch.rsqrt((part[:, 1] / (C // G * S) - m1 * m1).clamp_min(0) + eps).view(N, G)
+    y = torch.empty_like(x)
+    K.fwd_norm(x, _dense(weight), _dense(bias), y, mean, rstd, G, act, slope)
+    return y, mean, rstd
+
+
+def _bwd_triton(dy, x, weight, bias, mean, rstd, G, act, slope):
+    from ..kernels import group_norm as K
+
+    dx, dw, db = _bwd_outputs(x, weight, bias, mean.dtype)
+    if not x.numel():
+        return dx, dw.zero_(), db.zero_()
+    w, b = _dense(weight), _dense(bias)
+    mean, rstd = mean.contiguous(), rstd.contiguous()
+    gpart, cpart = K.bwd_reduce(dy, x, w, b, mean, rstd, G, act, slope)
+    K.bwd_dx(dy, x, w, b, dx, mean, rstd, gpart.sum(1), G, act, slope)
+    if weight is not None:
+        dw.copy_(cpart[:, :, 0].sum((0, 1)))
+    if bias is not None:
+        db.copy_(cpart[:, :, 1].sum((0, 1)))
+    return dx, dw, db
+
+
+backend.register("group_norm_fwd", "triton", _fwd_triton, _triton_ok)
+backend.register("group_norm_bwd", "triton", _bwd_triton, _triton_ok)
