@@ -241,6 +241,9 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
         if p.device != input.device:
             raise RuntimeError("Expected all tensors to be on the same device, but found at least two devices, "
                                f"{input.device} and {p.device}!")
+    if not input.is_floating_point() and (weight is not None or bias is not None):
+        raise RuntimeError("mixed dtype: all inputs must share same datatype (input is "
+                           f"{input.dtype}, a weight or bias was given)")
     if not input.is_floating_point():
         raise NotImplementedError(f'"group_norm" not implemented for \'{_type_name(input.dtype)}\'')
     return GroupNormFunction.apply(input, int(num_groups), weight, bias, float(eps), act, slope)

@@ -148,9 +148,10 @@ def activate(z: Tensor, act: str, negative_slope: float = 0.01) -> Tensor:
 
 
 def activate_grad(dy: Tensor, z: Tensor, act: str, negative_slope: float) -> Tensor:
-    """dy * act'(z), act' as torch's backward defines it (at z == 0: relu 0, leaky_relu the slope)."""
+    """dy * act'(z), act' as torch's backward defines it (at z == 0: relu 0, leaky_relu the slope;
+    at z = NaN: relu passes dy, leaky_relu scales it)."""
     if act == "relu":
-        return torch.where(z > 0, dy, torch.zeros_like(dy))
+        return torch.where(z <= 0, torch.zeros_like(dy), dy)
     if act == "leaky_relu":
         return torch.where(z > 0, dy, dy * negative_slope)
     if act == "silu":

@@ -27,7 +27,7 @@ TILE = 2048
 @triton.jit
 def _act(z, ACT: tl.constexpr, slope):
     if ACT == 1:
-        return tl.where(z > 0, z, 0.0)
+        return tl.where(z < 0, 0.0, z)  # NaN stays NaN, as torch's relu
     elif ACT == 2:
         return tl.where(z > 0, z, z * slope)
     elif ACT == 3:
@@ -39,7 +39,7 @@ def _act(z, ACT: tl.constexpr, slope):
 @triton.jit
 def _act_grad(dy, z, ACT: tl.constexpr, slope):
     if ACT == 1:
-        return tl.where(z > 0, dy, 0.0)
+        return tl.where(z <= 0, 0.0, dy)  # as torch's threshold_backward: NaN passes dy
     elif ACT == 2:
         return tl.where(z > 0, dy, dy * slope)
     elif ACT == 3:

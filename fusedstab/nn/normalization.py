@@ -27,9 +27,10 @@ class GroupNorm(torch.nn.GroupNorm):
     fused into the same kernel (``activation``: None, "relu", "leaky_relu", "silu")."""
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
-                 device=None, dtype=None, activation: str | None = None, negative_slope: float = 0.01):
+                 device=None, dtype=None, *, bias: bool = True, activation: str | None = None,
+                 negative_slope: float = 0.01):
         F.check_activation(activation, negative_slope)
-        super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype)
+        super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype, bias=bias)
         self.activation, self.negative_slope = activation, negative_slope
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
