@@ -244,10 +244,15 @@ SHAPES = [
 ]
 
 
+FP64_INTERPRETER_SKIP = ("batch1-2d", "1x1", "G1", "5x7-C6-G3", "C1")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("sid,shape,G", SHAPES, ids=[s[0] for s in SHAPES])
 @pytest.mark.parametrize("device,dtype", device_dtypes())
 def test_values_and_grads(backend, sid, shape, G, device, dtype):
+    if dtype == torch.float64 and device == "cpu" and backend == "triton" and sid in FP64_INTERPRETER_SKIP:
+        pytest.skip("interpreter time: fp64 kernels are checked on the other shapes")
     x, w, b = make(shape, G, device, dtype)
     compare(backend, x, G, w, b, tag=sid)
 
@@ -257,17 +262,19 @@ def test_values_and_grads(backend, sid, shape, G, device, dtype):
 @pytest.mark.parametrize("device,dtype", device_dtypes())
 def test_activations(backend, act, slope, device, dtype):
     """Each activation fused, forward and backward (NCHW channels_last; other shapes and layouts below)."""
+    if dtype == torch.float64 and device == "cpu" and backend == "triton" and act == "leaky_relu" and slope > 0:
+        pytest.skip("interpreter time: fp64 leaky_relu is checked with the negative slope")
     x, w, b = make((2, 6, 5, 7), 3, device, dtype, memory_format=torch.channels_last)
     got, _ = compare(backend, x, 3, w, b, act, slope, tag="act channels_last")
     assert got.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("act,slope", [(None, 0.01), ("silu", 0.01)], ids=["none", "silu"])
 @pytest.mark.parametrize("sid,shape,G", [s for s in SHAPES if s[0] in ("NC", "C1", "3d", "NC-1ch-per-group")],
                          ids=["NC", "NC-1ch-per-group", "C1", "3d"])
-def test_activation_shapes(backend, act, slope, sid, shape, G):
-    """The activation on the odd shapes too (fp32)."""
+def test_activation_shapes(backend, sid, shape, G):
+    """The activation (silu) on the odd shapes too (fp32)."""
+    act, slope = "silu", 0.01
     x, w, b = make(shape, G, "cpu", torch.float32)
     compare(backend, x, G, w, b, act, slope, tag=sid)
 
@@ -400,12 +407,13 @@ LAYOUTS = ["contiguous", "channels_last", "channels_last_3d", "nchw_crop", "chan
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("act,slope", [(None, 0.01), ("silu", 0.01)], ids=["none", "silu"])
 @pytest.mark.parametrize("kind", LAYOUTS)
 @pytest.mark.parametrize("device,dtype", device_dtypes((torch.float32,), (torch.float32, torch.bfloat16)))
-def test_memory_formats(backend, act, slope, kind, device, dtype):
+def test_memory_formats(backend, kind, device, dtype):
     """Output in x's memory format (contiguous, channels_last, channels_last_3d), contiguous for any
-    other layout; right values and gradients for all."""
+    other layout; right values and gradients for all (with silu after: the activation reads and
+    writes through the same strides; no activation is the same path with ACT=none)."""
+    act, slope = "silu", 0.01
     x, G = _layout(kind, device, dtype)
     C = x.shape[1]
     w = (1 + 0.5 * torch.randn(C, device=device)).to(dtype)
@@ -474,7 +482,7 @@ def _constant_groups(dtype, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("act,slope", [(None, 0.01), ("relu", 0.01), ("silu", 0.01)], ids=["none", "relu", "silu"])
+@pytest.mark.parametrize("act,slope", [(None, 0.01), ("silu", 0.01)], ids=["none", "silu"])
 @pytest.mark.parametrize("device,dtype", device_dtypes((torch.float32, torch.float16),
                                                        (torch.float32, torch.float16, torch.bfloat16)))
 def test_constant_groups(backend, act, slope, device, dtype):
@@ -490,7 +498,7 @@ def test_constant_groups(backend, act, slope, device, dtype):
     for (n, g), _ in consts.items():
         torch.testing.assert_close(got[n, 2 * g: 2 * g + 2].double(),
                                    exp_b[2 * g: 2 * g + 2, None, None].expand(2, 4, 5),
-                                   rtol=0 if dtype == torch.float32 else 2e-3, atol=1e-5 if dtype == torch.float32 else 2e-3)
+                                   rtol=0 if dtype == torch.float32 else torch.finfo(dtype).eps, atol=1e-5)
     # the statistics of the op: mean = the constant, rstd = 1/sqrt(eps)
     with fusedstab.use_backend(backend):
         _, mean, rstd = OPS.group_norm_fwd(x.reshape(3, 6, 20), w, b, 3, EPS, act or "none", slope)
@@ -500,7 +508,7 @@ def test_constant_groups(backend, act, slope, device, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("act,slope", [(None, 0.01), ("relu", 0.01), ("silu", 0.01)], ids=["none", "relu", "silu"])
+@pytest.mark.parametrize("act,slope", [(None, 0.01), ("silu", 0.01)], ids=["none", "silu"])
 @pytest.mark.parametrize("shape,G", [((3, 2), 2), ((4, 3), 1), ((2, 1, 1, 1), 1)], ids=["NC-G=C", "NC-C3G1", "1x1x1x1"])
 def test_single_element_groups(backend, act, slope, shape, G):
     """Groups of one element (and N x 1 x 1 x 1): xhat = 0 exactly, y = act(bias), dx = 0."""
@@ -521,13 +529,12 @@ def _nonfinite_groups(device):
     return x
 
 
-NONFINITE_CASES = [(a, s, "contiguous") for a, s in ACTS] + [("relu", 0.01, "channels_last"),
-                                                             ("silu", 0.01, "channels_last")]
+NONFINITE_CASES = [(a, s, "contiguous") for a, s in ACTS if s != 0.01 or a != "leaky_relu"] + [
+    ("relu", 0.01, "channels_last"), ("silu", 0.01, "channels_last")]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("act,slope,fmt", NONFINITE_CASES,
-                         ids=[f"{i}-contiguous" for i in ACT_IDS] + ["relu-channels_last", "silu-channels_last"])
+@pytest.mark.parametrize("act,slope,fmt", NONFINITE_CASES, ids=lambda v: str(v))
 @pytest.mark.parametrize("device", DEVICES)
 def test_nan_inf_propagate_like_torch(backend, act, slope, fmt, device):
     """NaN/Inf in a group: torch's NaN/Inf pattern in y, dx, dweight, dbias (the whole group NaN;
@@ -624,7 +631,7 @@ def test_autograd_function_apply(backend):
     the activation as a string ("none" for none): what the functional computes."""
     x, w, b = make((2, 6, 3, 4), 3, "cpu", torch.float32)
     with fusedstab.use_backend(backend):
-        for act, slope in ACTS:
+        for act, slope in ((None, 0.01), ("leaky_relu", -0.1), ("silu", 0.01)):
             a = fusedstab.autograd.GroupNormFunction.apply(x, 3, w, b, EPS, act or "none", slope)
             torch.testing.assert_close(a, fs_gn(x, 3, w, b, EPS, act, slope), rtol=0, atol=0)
         xl, wl, bl = leaf(x), leaf(w), leaf(b)
@@ -645,12 +652,15 @@ GRADCHECK = [("2d-none", (2, 6, 2, 3), 3, None, None, 0.01, (True, True)),
              ("NC-silu", (3, 4), 2, None, "silu", 0.01, (True, True)),
              ("1d-1ch-group-leaky0.2", (2, 3, 4), 3, None, "leaky_relu", 0.2, (True, True)),
              ("2d-silu-plain", (2, 6, 2, 3), 3, None, "silu", 0.01, (False, False))]
+TORCH_BACKEND_ONLY_ON_CPU = ("2d-none", "cl-none-plain", "1d-1ch-group-leaky0.2")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gid,shape,G,mf,act,slope,affine", GRADCHECK, ids=[g[0] for g in GRADCHECK])
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradcheck(backend, gid, shape, G, mf, act, slope, affine, device):
+    if backend == "triton" and device == "cpu" and gid in TORCH_BACKEND_ONLY_ON_CPU:
+        pytest.skip("interpreter time: the triton kernels' paths are gradchecked by the other cases")
     x, w, b = make(shape, G, device, torch.float64, affine=affine, memory_format=mf)
     if act == "leaky_relu":  # keep the pre-activation off the kink for the finite differences
         assert preact64(x, G, w, b).abs().min() > 1e-3
@@ -962,8 +972,8 @@ def test_module_load_state_dict_both_ways(args, kwargs, act):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("act,slope", [(None, 0.01), ("leaky_relu", 0.2), ("silu", 0.01)], ids=["none", "leaky", "silu"])
-@pytest.mark.parametrize("fmt", ("contiguous", "channels_last"))
+@pytest.mark.parametrize("act,slope,fmt", [(None, 0.01, "contiguous"), ("leaky_relu", 0.2, "contiguous"),
+                                           ("silu", 0.01, "channels_last")], ids=["none", "leaky", "silu-cl"])
 def test_module_forward_backward_vs_torch(backend, act, slope, fmt):
     fs = _randomize(fnn.GroupNorm(3, 6, activation=act, negative_slope=slope))
     t = torch.nn.GroupNorm(3, 6)

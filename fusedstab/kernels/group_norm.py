@@ -5,9 +5,9 @@ place. Group (n, g) is the (C/G, S) block of channels g*C/G.. of sample n. Each 
 split over SPLIT programs (grid (N*G, SPLIT)) so that batch 1 with 32 groups still fills the GPU;
 program ``split`` takes the spatial tiles split, split + SPLIT, ... of every channel tile.
 
-Forward: pass 1 writes per-program partial sums of (x - K) and (x - K)^2, K = the group's first
-element (a shift that keeps the one-pass variance accurate when |mean| >> std); the host side sums
-them (a fixed order: deterministic) into mean and rstd; pass 2 normalizes, applies weight and bias,
+Forward: pass 1 writes per-program (count, mean, M2) of its tiles (Chan's parallel combine, stable
+whatever the offset of the values); the host side combines them in a fixed order (deterministic)
+into mean and rstd; pass 2 normalizes, applies weight and bias,
 then the activation. Backward: pass 1 writes per-group partials of sum(gw), sum(gw * xhat) and
 per-channel partials of dweight, dbias (gw = dz * w, dz = dy * act'(z), z recomputed from x);
 pass 2 writes dx = rstd * (gw - mean(gw) - xhat * mean(gw * xhat)).
@@ -62,20 +62,30 @@ def _tile(n, g, ct, st, Cg, S, sn, sc, ss, BLOCK_C: tl.constexpr, BLOCK_S: tl.co
 @triton.jit
 def _fwd_stats_kernel(X, PART, G, Cg, S, sn, sc, ss, n_ct, n_st, ACC_T: tl.constexpr,
                       BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """PART (N*G, SPLIT, 3): this program's (count, mean, sum of squared deviations), its tiles
+    combined as Chan et al. do (stable whatever the values' offset)."""
     ng, split, SPLIT = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
     n, g = ng // G, ng % G
-    K = tl.load(X + n.to(tl.int64) * sn + (g * Cg).to(tl.int64) * sc).to(ACC_T)
-    s1 = tl.zeros((BLOCK_C, BLOCK_S), ACC_T)
-    s2 = tl.zeros((BLOCK_C, BLOCK_S), ACC_T)
+    cnt = tl.zeros([1], dtype=ACC_T)
+    mean = tl.zeros([1], dtype=ACC_T)
+    m2 = tl.zeros([1], dtype=ACC_T)
     for ct in range(0, n_ct):
         for st in range(split, n_st, SPLIT):
             offs, ch, mask = _tile(n, g, ct, st, Cg, S, sn, sc, ss, BLOCK_C, BLOCK_S)
-            d = tl.where(mask, tl.load(X + offs, mask=mask, other=0.0).to(ACC_T) - K, 0.0)
-            s1 += d
-            s2 += d * d
-    out = PART + (ng.to(tl.int64) * SPLIT + split) * 2
-    tl.store(out, tl.sum(tl.sum(s1, axis=1), axis=0))
-    tl.store(out + 1, tl.sum(tl.sum(s2, axis=1), axis=0))
+            v = tl.load(X + offs, mask=mask, other=0.0).to(ACC_T)
+            c = tl.sum(tl.sum(mask.to(ACC_T), axis=1), axis=0)
+            tile_mean = tl.sum(tl.sum(v, axis=1), axis=0) / c
+            d = tl.where(mask, v - tile_mean, 0.0)
+            tot = cnt + c
+            delta = tile_mean - mean
+            frac = c / tot
+            mean += delta * frac
+            m2 += tl.sum(tl.sum(d * d, axis=1), axis=0) + delta * delta * cnt * frac
+            cnt = tot
+    out = PART + (ng.to(tl.int64) * SPLIT + split) * 3 + tl.arange(0, 1)
+    tl.store(out, cnt)
+    tl.store(out + 1, mean)
+    tl.store(out + 2, m2)
 
 
 @triton.jit
@@ -204,10 +214,10 @@ def _plan(x, G):
 
 
 def fwd_stats(x, G):
-    """Per-program partial sums (N*G, SPLIT, 2) of (x - K), (x - K)^2 and the shift K (N, G)."""
+    """Per-program (count, mean, M2): (N*G, SPLIT, 3)."""
     p, grid = _plan(x, G)
     acc = _acc(x.dtype)
-    part = x.new_empty((grid[0], grid[1], 2), dtype=acc)
+    part = x.new_empty((grid[0], grid[1], 3), dtype=acc)
     _fwd_stats_kernel[grid](x, part, G, p["Cg"], p["S"], *x.stride(), p["n_ct"], p["n_st"], ACC_T=_ACC[acc],
                             BLOCK_C=p["BLOCK_C"], BLOCK_S=p["BLOCK_S"], num_warps=4)
     return part

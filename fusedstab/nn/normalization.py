@@ -1,8 +1,6 @@
 """Drop-in LayerNorm, RMSNorm and GroupNorm: subclasses of the torch.nn modules, so the constructor,
 defaults, parameters, state_dict keys, repr and reset_parameters are torch's own; only forward is fused
 (GroupNorm adds an optional fused activation)."""
-from __future__ import annotations
-
 import torch
 
 from .. import functional as F

@@ -105,12 +105,12 @@ def _fwd_triton(x, weight, bias, G, eps, act, slope):
 
     if not x.numel():
         return _empty_fwd(x, G)
-    N, C, S = x.shape
-    part = K.fwd_stats(x, G).sum(1)  # (N*G, 2): a fixed-order sum of the per-program partials
-    shift = x[:, :: C // G, 0].to(part.dtype).reshape(-1)  # the kernel's K: each group's first element
-    m1 = part[:, 0] / (C // G * S)
-    mean = (shift + m1).view(N, G)
-    rstd = torch.rsqrt((part[:, 1] / (C // G * S) - m1 * m1).clamp_min(0) + eps).view(N, G)
+    N = x.shape[0]
+    count, pmean, pm2 = K.fwd_stats(x, G).unbind(-1)  # per program, (N*G, SPLIT)
+    mean = (count * pmean).sum(1) / count.sum(1)  # Chan's combine of the programs, in a fixed order
+    m2 = pm2.sum(1) + (count * (pmean - mean[:, None]) ** 2).sum(1)
+    rstd = torch.rsqrt(m2 / count.sum(1) + eps).view(N, G)
+    mean = mean.view(N, G)
     y = torch.empty_like(x)
     K.fwd_norm(x, _dense(weight), _dense(bias), y, mean, rstd, G, act, slope)
     return y, mean, rstd
