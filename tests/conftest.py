@@ -25,3 +25,13 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _triton_on_cpu_needs_interpreter(request):
+    """The triton backend serves CPU tensors only through the interpreter: on a GPU machine (no
+    TRITON_INTERPRET) tests parametrized with backend="triton" on device "cpu" (the default) are
+    skipped and their cuda twins run."""
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    if params.get("backend") == "triton" and params.get("device", "cpu") == "cpu" and not INTERPRET:
+        pytest.skip("triton backend on CPU tensors needs TRITON_INTERPRET=1")

@@ -15,6 +15,8 @@ Tolerance rule (DESIGN.md, Tests):
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -116,3 +118,77 @@ def assert_same_nonfinite(got: torch.Tensor, expected: torch.Tensor, what: str =
     assert torch.equal(torch.isneginf(got), torch.isneginf(expected)), f"{what}: -Inf positions differ"
     tol = {} if atol is None else dict(rtol=1e-5, atol=atol)
     torch.testing.assert_close(got, expected, equal_nan=True, msg=lambda m: f"{what}: {m}", **tol)
+
+
+# ----------------------------------------------------------------------------- shared test plumbing
+def leaf(t, dtype=None, requires_grad=True):
+    """Detached copy sharing t's storage and strides (clone() would densify slices), optionally in
+    another dtype (which keeps the strides of a dense layout), requiring grad."""
+    if t is None:
+        return None
+    c = t.detach()
+    if dtype is not None and dtype != c.dtype:
+        c = c.to(dtype)
+    return c.requires_grad_(requires_grad)
+
+
+def run(fn, leaves, dy, backend=None):
+    """Output of fn(*leaves) and the gradients of sum(out * dy) w.r.t. the leaves (None for leaves
+    that are None or do not require grad), under ``backend`` when given."""
+    import fusedstab
+
+    with fusedstab.use_backend(backend) if backend else contextlib.nullcontext():
+        out = fn(*leaves)
+        req = [t for t in leaves if t is not None and t.requires_grad]
+        gs = iter(torch.autograd.grad(out, req, dy)) if req else iter(())
+    grads = [next(gs) if t is not None and t.requires_grad else None for t in leaves]
+    return out.detach(), grads
+
+
+def keeps_layout(t: torch.Tensor) -> bool:
+    """The layouts fusedstab reads in place and gives back: contiguous and channels_last(_3d). Any
+    other layout is read through a contiguous copy and gives a contiguous output."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+    return t.is_contiguous() or (fmt is not None and t.is_contiguous(memory_format=fmt))
+
+
+def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same strides in every dim of size > 1 (a size-1 dim's stride means nothing)."""
+    return a.shape == b.shape and all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
+
+
+def leaky_relu_factor(z, slope):
+    """d leaky_relu / dz in z's dtype (torch's rule: 1 where z > 0, else slope, also at z == 0)."""
+    return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, slope))
+
+
+def assert_raises_like_torch(torch_call, fs_call, match=None):
+    """fusedstab raises exactly the exception type torch raises (a subclass such as BackendError
+    does not count), with a non-empty message matching ``match`` where given."""
+    with pytest.raises(Exception) as t_info:
+        torch_call()
+    with pytest.raises(Exception) as f_info:
+        fs_call()
+    assert type(f_info.value) is type(t_info.value), (
+        f"torch raises {type(t_info.value).__name__}({t_info.value}), "
+        f"fusedstab raises {type(f_info.value).__name__}({f_info.value})")
+    assert str(f_info.value)
+    if match is not None:
+        f_info.match(match)
+
+
+def graph_recorder():
+    """An aot_eager-like compile backend that keeps the forward and backward graphs it is given:
+    (backend, {"fw": [...], "bw": [...]})."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = {"fw": [], "bw": []}
+
+    def keep(kind):
+        def compiler(gm, example_inputs):
+            graphs[kind].append(gm)
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    return aot_autograd(fw_compiler=keep("fw"), bw_compiler=keep("bw")), graphs

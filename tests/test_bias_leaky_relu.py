@@ -12,7 +12,6 @@ raises for bad input.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -25,7 +24,8 @@ from fusedstab import backend as fs_backend
 from fusedstab import functional as FS
 from fusedstab import reference
 
-from helpers import DEVICES, assert_matches, assert_same_nonfinite, device_dtypes
+from helpers import (DEVICES, assert_matches, assert_raises_like_torch, assert_same_nonfinite, device_dtypes,
+                     graph_recorder, keeps_layout, leaf, leaky_relu_factor, run, same_layout)
 
 BACKENDS = ("triton", "torch")
 # 0.0 is ReLU, 1.0 the identity, 1.5 > 1, -0.3 negative: backward from the packed sign mask.
@@ -33,16 +33,6 @@ SLOPES = (0.01, 0.2, 0.0, 1.0, 1.5, -0.3)
 OPS = torch.ops.fusedstab
 # API tests (custom ops, compile) run where the triton backend runs: CUDA if there is a GPU, else CPU.
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(autouse=True)
-def _triton_on_cpu_needs_interpreter(request):
-    """The triton backend serves CPU tensors only through the interpreter: on a GPU machine (no
-    TRITON_INTERPRET) the cpu/triton cases are skipped and the cuda ones run."""
-    params = getattr(getattr(request.node, "callspec", None), "params", {})
-    if params.get("backend") == "triton" and params.get("device", "cpu") == "cpu" \
-            and not fs_backend.triton_interpret():
-        pytest.skip("triton backend on CPU tensors needs TRITON_INTERPRET=1")
 
 
 def _triton_ok_on_dev() -> bool:
@@ -61,45 +51,6 @@ def torch_blr(x, bias, negative_slope=0.01, dim=-1):
 
 def fs_blr(x, bias, negative_slope=0.01, dim=-1):
     return FS.bias_leaky_relu(x, bias, negative_slope, dim)
-
-
-def _factor(z, slope):
-    """d leaky_relu / dz in z's dtype (torch's rule: 1 where z > 0, else slope, also at z == 0)."""
-    return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, slope))
-
-
-def leaf(t, dtype=None, requires_grad=True):
-    """Detached copy sharing t's storage and strides (clone() would densify slices), optionally in
-    another dtype, requiring grad."""
-    if t is None:
-        return None
-    c = t.detach()
-    if dtype is not None and dtype != c.dtype:
-        c = c.to(dtype)
-    return c.requires_grad_(requires_grad)
-
-
-def run(fn, leaves, dy, backend=None):
-    """Output of fn(*leaves) and the gradients of sum(out * dy) w.r.t. the leaves (None for leaves
-    that are None or do not require grad), under ``backend`` when given."""
-    with fusedstab.use_backend(backend) if backend else contextlib.nullcontext():
-        out = fn(*leaves)
-        req = [t for t in leaves if t is not None and t.requires_grad]
-        gs = iter(torch.autograd.grad(out, req, dy)) if req else iter(())
-    grads = [next(gs) if t is not None and t.requires_grad else None for t in leaves]
-    return out.detach(), grads
-
-
-def keeps_layout(t: torch.Tensor) -> bool:
-    """The layouts fusedstab reads in place and gives back: contiguous and channels_last(_3d). Any
-    other layout is read through a contiguous copy and gives a contiguous output."""
-    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
-    return t.is_contiguous() or (fmt is not None and t.is_contiguous(memory_format=fmt))
-
-
-def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same strides in every dim of size > 1 (a size-1 dim's stride means nothing)."""
-    return a.shape == b.shape and all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
 
 
 def _dim(x, dim):
@@ -361,7 +312,7 @@ def test_zero_preactivation_gradient(backend, slope, device, dtype):
         with fusedstab.use_backend(backend):
             xl, bl = leaf(x), leaf(b)
             fs_blr(xl, bl, slope, dim).backward(torch.ones_like(got))
-        exp = _factor(z, slope).to(dtype)
+        exp = leaky_relu_factor(z, slope).to(dtype)
         # slope * 1 rounded once to the dtype (exactly torch's); fp64 to the tight fp64 tolerance
         tol = dict(rtol=1e-14, atol=0) if dtype == torch.float64 else dict(rtol=0, atol=0)
         torch.testing.assert_close(xl.grad[z == 0], exp[z == 0], **tol,
@@ -444,7 +395,7 @@ def test_dbias_deterministic(backend, slope, shape, dim, fmt, device):
     assert torch.equal(g1[1], g2[1]), "dbias differs between two identical backward runs"
     # and it is the right sum
     z = x.double() + b.double().view([-1 if i == _dim(x, dim) else 1 for i in range(x.dim())])
-    g = dy.double() * _factor(z, slope)
+    g = dy.double() * leaky_relu_factor(z, slope)
     other = [i for i in range(x.dim()) if i != _dim(x, dim)]
     torch.testing.assert_close(g1[1].double(), g.sum(other), rtol=1e-5, atol=1e-5 * g.abs().sum(other).max().item())
 
@@ -528,7 +479,7 @@ def test_inplace_change_of_saved_output_is_caught(backend, slope):
             assert "inplace" in str(e) or "modified" in str(e), e
             return
     z = x.double() + b.double()
-    torch.testing.assert_close(xl.grad.double(), _factor(z, slope))
+    torch.testing.assert_close(xl.grad.double(), leaky_relu_factor(z, slope))
 
 
 # ============================================================================= custom ops
@@ -631,7 +582,7 @@ def test_op_outputs(case, slope, op_backend):
     C = b.numel() if b is not None else (L if not per_row else 1)
     outs = OPS.bias_leaky_relu_bwd(*_bwd_args(dy2, saved, slope, per_row, C, x2.dtype, b))
     dx2, db = outs[0], outs[1]
-    g = dy2.double() * _factor(z, slope)
+    g = dy2.double() * leaky_relu_factor(z, slope)
     assert dx2.shape == (R, L) and dx2.dtype == x2.dtype
     torch.testing.assert_close(dx2.double(), g, rtol=1e-3 if x2.dtype == torch.float16 else 1e-6, atol=1e-6)
     if b is None:
@@ -715,25 +666,10 @@ def _chain_leaves():
     return [x, torch.randn(3, device=DEV), torch.randn(5, device=DEV)]
 
 
-def _graph_recorder():
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
-    graphs = {"fw": [], "bw": []}
-
-    def keep(kind):
-        def compiler(gm, example_inputs):
-            graphs[kind].append(gm)
-            return make_boxed_func(gm.forward)
-        return compiler
-
-    return aot_autograd(fw_compiler=keep("fw"), bw_compiler=keep("bw")), graphs
-
-
 def test_compile_fullgraph_aot_eager_parity(op_backend, fresh_dynamo):
     """fullgraph capture, one frame, the custom ops in the forward and backward graphs, and the same
     outputs and gradients as eager."""
-    be, graphs = _graph_recorder()
+    be, graphs = graph_recorder()
     leaves = _chain_leaves()
     eager = _run_fn(_chain, leaves)
     compiled = _run_fn(torch.compile(_chain, backend=be, fullgraph=True), leaves)
@@ -848,18 +784,6 @@ def test_module_state_dict_roundtrip():
 
 
 # ============================================================================= bad input
-def _exception_type_like_torch(torch_call, fs_call):
-    with pytest.raises(Exception) as t_info:
-        torch_call()
-    with pytest.raises(Exception) as f_info:
-        fs_call()
-    assert type(f_info.value) is type(t_info.value), (
-        f"torch raises {type(t_info.value).__name__}({t_info.value}), "
-        f"fusedstab raises {type(f_info.value).__name__}({f_info.value})")
-    assert str(f_info.value)
-    return f_info
-
-
 _X = lambda: torch.randn(3, 4)  # noqa: E731
 BAD = [
     ("bias-too-long", lambda f: f(_X(), torch.ones(5))),
@@ -879,7 +803,7 @@ BAD = [
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
 def test_bad_input_raises_like_torch(case):
     _, call = case
-    _exception_type_like_torch(lambda: call(torch_blr), lambda: call(fs_blr))
+    assert_raises_like_torch(lambda: call(torch_blr), lambda: call(fs_blr))
 
 
 @pytest.mark.parametrize("dt", (torch.int64, torch.bool))
@@ -898,7 +822,7 @@ def test_non_float_x_with_float_bias_promotes_like_torch(dt):
 def test_non_float_result_raises_like_leaky_relu(x_dt, b_dt):
     """Where x + bias is not floating (integer, complex), the type torch's F.leaky_relu raises."""
     x, b = torch.ones(3, 4, dtype=x_dt), torch.ones(4, dtype=b_dt)
-    _exception_type_like_torch(lambda: F.leaky_relu(x + b, 0.01), lambda: fs_blr(x, b))
+    assert_raises_like_torch(lambda: F.leaky_relu(x + b, 0.01), lambda: fs_blr(x, b))
 
 
 def test_bias_not_1d_raises():
@@ -917,15 +841,15 @@ def test_zero_dim_x_raises():
 
 def test_module_bad_input_raises_like_torch():
     m = fnn.BiasLeakyReLU(4)
-    _exception_type_like_torch(lambda: torch_blr(torch.randn(3, 5), m.bias), lambda: m(torch.randn(3, 5)))
+    assert_raises_like_torch(lambda: torch_blr(torch.randn(3, 5), m.bias), lambda: m(torch.randn(3, 5)))
 
 
 @pytest.mark.gpu
 def test_device_mismatch_raises_like_torch():
     x = torch.randn(3, 4, device="cuda")
     for b in (torch.ones(4), torch.ones(4, device="cpu", dtype=torch.float16)):
-        _exception_type_like_torch(lambda: torch_blr(x, b), lambda: fs_blr(x, b))
-    _exception_type_like_torch(lambda: torch_blr(x.cpu(), b.cuda()), lambda: fs_blr(x.cpu(), b.cuda()))
+        assert_raises_like_torch(lambda: torch_blr(x, b), lambda: fs_blr(x, b))
+    assert_raises_like_torch(lambda: torch_blr(x.cpu(), b.cuda()), lambda: fs_blr(x.cpu(), b.cuda()))
 
 
 # ============================================================================= GPU-only: large
@@ -958,7 +882,7 @@ def test_large_tensor_over_2_31_elements(slope):
             z = x[sl].float() + b.float()
             exp = F.leaky_relu(z, slope)
             torch.testing.assert_close(y[sl].float(), exp, rtol=1e-3, atol=1e-6, msg=lambda s: f"y rows {sl}: {s}")
-            g = dy[sl].float() * _factor(z, slope)
+            g = dy[sl].float() * leaky_relu_factor(z, slope)
             torch.testing.assert_close(dx[sl].float(), g, rtol=1e-3, atol=1e-6, msg=lambda s: f"dx rows {sl}: {s}")
             db_exp += g.double().sum(0)
             db_scale += g.double().abs().sum(0)

@@ -14,7 +14,6 @@ Shapes stay small: the interpreter is slow.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 
@@ -28,7 +27,8 @@ from fusedstab import backend as fs_backend
 from fusedstab import functional as FS
 from fusedstab import reference
 
-from helpers import DEVICES, assert_matches, assert_same_nonfinite, device_dtypes
+from helpers import (DEVICES, assert_matches, assert_raises_like_torch, assert_same_nonfinite, device_dtypes,
+                     graph_recorder, keeps_layout, leaf, run, same_layout)
 
 BACKENDS = ("triton", "torch")
 OPS = torch.ops.fusedstab
@@ -40,16 +40,6 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 ACTS = [(None, 0.01), ("relu", 0.01), ("leaky_relu", 0.01), ("leaky_relu", 0.2), ("leaky_relu", -0.1),
         ("silu", 0.01)]
 ACT_IDS = ["none", "relu", "leaky0.01", "leaky0.2", "leaky-0.1", "silu"]
-
-
-@pytest.fixture(autouse=True)
-def _triton_on_cpu_needs_interpreter(request):
-    """The triton backend serves CPU tensors only through the interpreter: on a GPU machine (no
-    TRITON_INTERPRET) the cpu/triton cases are skipped and the cuda ones run."""
-    params = getattr(getattr(request.node, "callspec", None), "params", {})
-    if params.get("backend") == "triton" and params.get("device", "cpu") == "cpu" \
-            and not fs_backend.triton_interpret():
-        pytest.skip("triton backend on CPU tensors needs TRITON_INTERPRET=1")
 
 
 def _triton_ok_on_dev() -> bool:
@@ -95,39 +85,6 @@ def torch_gn(x, G, w, b, eps=EPS, activation=None, slope=0.01):
 
 def fs_gn(x, G, w, b, eps=EPS, activation=None, slope=0.01):
     return FS.group_norm(x, G, w, b, eps, activation=activation, negative_slope=slope)
-
-
-def leaf(t, dtype=None, requires_grad=True):
-    """Detached copy sharing t's storage and strides (clone() would densify slices), optionally in
-    another dtype (which keeps the strides of a dense layout), requiring grad."""
-    if t is None:
-        return None
-    c = t.detach()
-    if dtype is not None and dtype != c.dtype:
-        c = c.to(dtype)
-    return c.requires_grad_(requires_grad)
-
-
-def run(fn, leaves, dy, backend=None):
-    """Output of fn(*leaves) and the gradients of sum(out * dy) w.r.t. the leaves (None for leaves
-    that are None or do not require grad), under ``backend`` when given."""
-    with fusedstab.use_backend(backend) if backend else contextlib.nullcontext():
-        out = fn(*leaves)
-        req = [t for t in leaves if t is not None and t.requires_grad]
-        gs = iter(torch.autograd.grad(out, req, dy)) if req else iter(())
-    grads = [next(gs) if t is not None and t.requires_grad else None for t in leaves]
-    return out.detach(), grads
-
-
-def keeps_layout(t: torch.Tensor) -> bool:
-    """The layouts the output keeps: contiguous and channels_last(_3d). Others give a contiguous output."""
-    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
-    return t.is_contiguous() or (fmt is not None and t.is_contiguous(memory_format=fmt))
-
-
-def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same strides in every dim of size > 1 (a size-1 dim's stride means nothing)."""
-    return a.shape == b.shape and all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
 
 
 def float64_stats(x, G, eps=EPS):
@@ -825,25 +782,10 @@ def _chain_leaves():
     return [x, 1 + 0.5 * torch.randn(6, device=DEV), 0.5 * torch.randn(6, device=DEV)]
 
 
-def _graph_recorder():
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
-    graphs = {"fw": [], "bw": []}
-
-    def keep(kind):
-        def compiler(gm, example_inputs):
-            graphs[kind].append(gm)
-            return make_boxed_func(gm.forward)
-        return compiler
-
-    return aot_autograd(fw_compiler=keep("fw"), bw_compiler=keep("bw")), graphs
-
-
 def test_compile_fullgraph_aot_eager_parity(op_backend, fresh_dynamo):
     """fullgraph capture, the custom ops in the forward and backward graphs, and the same outputs
     and gradients as eager fusedstab and as torch."""
-    be, graphs = _graph_recorder()
+    be, graphs = graph_recorder()
     leaves = _chain_leaves()
     eager = _run_fn(_chain, leaves)
     compiled = _run_fn(torch.compile(_chain, backend=be, fullgraph=True), leaves)
@@ -1010,18 +952,6 @@ def test_module_factory_kwargs(device, dtype):
 
 
 # ============================================================================= bad input
-def _exception_type_like_torch(torch_call, fs_call):
-    with pytest.raises(Exception) as t_info:
-        torch_call()
-    with pytest.raises(Exception) as f_info:
-        fs_call()
-    assert type(f_info.value) is type(t_info.value), (
-        f"torch raises {type(t_info.value).__name__}({t_info.value}), "
-        f"fusedstab raises {type(f_info.value).__name__}({f_info.value})")
-    assert str(f_info.value)
-    return f_info
-
-
 _X = lambda: torch.randn(2, 6, 3, 4)  # noqa: E731
 BAD = [
     ("C-not-divisible", lambda f: f(_X(), 4)),
@@ -1045,7 +975,7 @@ BAD = [
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
 def test_bad_input_raises_like_torch(case):
     _, call = case
-    _exception_type_like_torch(lambda: call(F.group_norm), lambda: call(FS.group_norm))
+    assert_raises_like_torch(lambda: call(F.group_norm), lambda: call(FS.group_norm))
 
 
 @pytest.mark.parametrize("act", ("gelu", "ReLU", "none_", "tanh", ""))
@@ -1057,22 +987,22 @@ def test_unknown_activation_raises_value_error(act):
 
 
 def test_module_constructor_errors_like_torch():
-    _exception_type_like_torch(lambda: torch.nn.GroupNorm(4, 6), lambda: fnn.GroupNorm(4, 6))
-    _exception_type_like_torch(lambda: torch.nn.GroupNorm(4, 6), lambda: fnn.GroupNorm(4, 6, activation="silu"))
+    assert_raises_like_torch(lambda: torch.nn.GroupNorm(4, 6), lambda: fnn.GroupNorm(4, 6))
+    assert_raises_like_torch(lambda: torch.nn.GroupNorm(4, 6), lambda: fnn.GroupNorm(4, 6, activation="silu"))
 
 
 def test_module_bad_input_raises_like_torch():
     fs, t = fnn.GroupNorm(3, 6), torch.nn.GroupNorm(3, 6)
     for bad in (torch.randn(2, 5, 3), torch.randn(2, 9, 3), torch.randn(6)):
-        _exception_type_like_torch(lambda: t(bad), lambda: fs(bad))
+        assert_raises_like_torch(lambda: t(bad), lambda: fs(bad))
 
 
 @pytest.mark.gpu
 def test_device_mismatch_raises_like_torch():
     x = torch.randn(2, 6, 3, device="cuda")
     for w in (torch.ones(6), torch.ones(6, dtype=torch.float16)):
-        _exception_type_like_torch(lambda: F.group_norm(x, 3, w), lambda: FS.group_norm(x, 3, w))
-    _exception_type_like_torch(lambda: F.group_norm(x.cpu(), 3, torch.ones(6, device="cuda")),
+        assert_raises_like_torch(lambda: F.group_norm(x, 3, w), lambda: FS.group_norm(x, 3, w))
+    assert_raises_like_torch(lambda: F.group_norm(x.cpu(), 3, torch.ones(6, device="cuda")),
                                lambda: FS.group_norm(x.cpu(), 3, torch.ones(6, device="cuda")))
 
 

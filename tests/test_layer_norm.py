@@ -20,26 +20,15 @@ import torch
 import torch.nn.functional as F
 
 import fusedstab
-from fusedstab import backend as fs_backend
 from fusedstab import functional as FS
 from fusedstab import reference
 from fusedstab.kernels import layer_norm as K
 
-from helpers import DEVICES, assert_matches, assert_same_nonfinite, device_dtypes
+from helpers import DEVICES, assert_matches, assert_same_nonfinite, device_dtypes, leaf
 
 BACKENDS = ("triton", "torch")
 OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
 LN_EPS = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def _triton_on_cpu_needs_interpreter(request):
-    """The triton backend serves CPU tensors only through the interpreter: on a GPU machine (no
-    TRITON_INTERPRET) the cpu/triton cases are skipped and the cuda ones run."""
-    params = getattr(getattr(request.node, "callspec", None), "params", {})
-    if params.get("backend") == "triton" and params.get("device", "cpu") == "cpu" \
-            and not fs_backend.triton_interpret():
-        pytest.skip("triton backend on CPU tensors needs TRITON_INTERPRET=1")
 
 
 def _rms_eps(dtype):
@@ -166,16 +155,6 @@ def run(fn, leaves, douts, backend=None):
         gs = iter(torch.autograd.grad(outs, req, douts, allow_unused=False)) if req else iter(())
     grads = [next(gs) if isinstance(t, torch.Tensor) and t.requires_grad else None for t in leaves]
     return [o.detach() for o in outs], grads
-
-
-def leaf(t, dtype=None):
-    """Detached copy (same strides) that requires grad, optionally in another dtype."""
-    if t is None:
-        return None
-    c = t.detach()  # a new leaf sharing t's storage and strides (clone() would densify slices)
-    if dtype is not None and dtype != c.dtype:
-        c = c.to(dtype)
-    return c.requires_grad_()
 
 
 def make_inputs(op, lead, ns, dtype, device, wdtype=None, rdtype=None, affine=(True, True)):

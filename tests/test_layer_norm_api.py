@@ -18,6 +18,8 @@ import fusedstab
 import fusedstab.functional as F
 import fusedstab.nn as fnn
 
+from helpers import assert_raises_like_torch, graph_recorder
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 OPS = torch.ops.fusedstab
@@ -39,21 +41,6 @@ def backend(request):
 
 def _rand(*shape, dtype=torch.float32, requires_grad=False):
     return torch.randn(*shape, device=DEV, dtype=dtype).requires_grad_(requires_grad)
-
-
-def _assert_exact_type_as_torch(torch_call, fs_call, match=None):
-    """fusedstab raises exactly the exception type torch raises (a subclass such as BackendError
-    does not count), with a non-empty message matching ``match`` where given."""
-    with pytest.raises(Exception) as t_info:
-        torch_call()
-    with pytest.raises(Exception) as f_info:
-        fs_call()
-    assert type(f_info.value) is type(t_info.value), (
-        f"torch raises {type(t_info.value).__name__}({t_info.value}), "
-        f"fusedstab raises {type(f_info.value).__name__}({f_info.value})")
-    assert str(f_info.value)
-    if match is not None:
-        f_info.match(match)
 
 
 # =============================================================================== 1. opcheck
@@ -191,22 +178,6 @@ def _assert_same_run(a, b, **tol):
             torch.testing.assert_close(x, y, **tol)
 
 
-def _graph_recorder():
-    """An aot_eager-like backend that keeps the forward and backward graphs it is given."""
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
-    graphs = {"fw": [], "bw": []}
-
-    def keep(kind):
-        def compiler(gm, example_inputs):
-            graphs[kind].append(gm)
-            return make_boxed_func(gm.forward)
-        return compiler
-
-    return aot_autograd(fw_compiler=keep("fw"), bw_compiler=keep("bw")), graphs
-
-
 def _targets(gms):
     return {str(n.target) for gm in gms for n in gm.graph.nodes if n.op == "call_function"}
 
@@ -230,7 +201,7 @@ def test_compile_fullgraph_functional_parity(fn, backend, fresh_dynamo):
 def test_compile_graph_holds_the_custom_ops(fresh_dynamo):
     """Forward and backward graphs call fusedstab's ops (opaque, with their fake functions), not a
     decomposition, an inlined kernel or an eager fallback."""
-    be, graphs = _graph_recorder()
+    be, graphs = graph_recorder()
     leaves = _leaves()
     compiled = _run(torch.compile(_fn_chain, backend=be, fullgraph=True), leaves)
     _assert_same_run(compiled, _run(_fn_chain, leaves))
@@ -569,7 +540,7 @@ _BAD = [
 @pytest.mark.parametrize("case", _BAD, ids=[c[0] for c in _BAD])
 def test_bad_input_raises_like_torch(case, name):
     _, call, match = case
-    _assert_exact_type_as_torch(lambda: call(getattr(TF, name)), lambda: call(getattr(F, name)), match)
+    assert_raises_like_torch(lambda: call(getattr(TF, name)), lambda: call(getattr(F, name)), match)
 
 
 @pytest.mark.parametrize("case", [
@@ -579,14 +550,14 @@ def test_bad_input_raises_like_torch(case, name):
 ], ids=lambda c: c[0])
 def test_bad_bias_raises_like_torch(case):
     _, call, match = case
-    _assert_exact_type_as_torch(lambda: call(TF.layer_norm), lambda: call(F.layer_norm), match)
+    assert_raises_like_torch(lambda: call(TF.layer_norm), lambda: call(F.layer_norm), match)
 
 
 @pytest.mark.parametrize("name", list(_PAIRS))
 def test_module_bad_input_raises_like_torch(name):
     fs, t = _module_pair(name, (4,), {})
     for bad in (torch.randn(3, 5), torch.ones(3, 4, dtype=torch.int64)):
-        _assert_exact_type_as_torch(lambda: t(bad), lambda: fs(bad))
+        assert_raises_like_torch(lambda: t(bad), lambda: fs(bad))
 
 
 def _torch_add_layer_norm(x, residual, normalized_shape, weight=None, bias=None, eps=1e-5, rms=False):
@@ -611,7 +582,7 @@ def _torch_add_layer_norm(x, residual, normalized_shape, weight=None, bias=None,
 ], ids=lambda c: c[0])
 def test_add_layer_norm_bad_input_raises_like_torch(case, rms):
     _, call, match = case
-    _assert_exact_type_as_torch(lambda: call(_torch_add_layer_norm, rms),
+    assert_raises_like_torch(lambda: call(_torch_add_layer_norm, rms),
                                 lambda: call(F.add_layer_norm, rms), match)
 
 

@@ -13,7 +13,6 @@ are tested on their own with integer-valued inputs, where every order of summati
 """
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
@@ -25,7 +24,8 @@ from fusedstab import backend as fs_backend
 from fusedstab import functional as FS
 from fusedstab import reference
 
-from helpers import DEVICES, LOWP_FLOOR, LOWP_RATIO, assert_matches, assert_same_nonfinite, device_dtypes, max_err
+from helpers import (DEVICES, LOWP_FLOOR, LOWP_RATIO, assert_matches, assert_raises_like_torch,
+                     assert_same_nonfinite, device_dtypes, leaf, leaky_relu_factor, max_err, run)
 
 BACKENDS = ("triton", "torch")
 SLOPES = (0.01, 0.2, 0.0, 1.0, 1.5, -0.3)
@@ -33,14 +33,6 @@ OPS = torch.ops.fusedstab
 SIGN_TOL = 1e-4
 # API tests (custom op, compile) run where the triton backend runs: CUDA if there is a GPU, else CPU.
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(autouse=True)
-def _triton_on_cpu_needs_interpreter(request):
-    params = getattr(getattr(request.node, "callspec", None), "params", {})
-    if params.get("backend") == "triton" and params.get("device", "cpu") == "cpu" \
-            and not fs_backend.triton_interpret():
-        pytest.skip("triton backend on CPU tensors needs TRITON_INTERPRET=1")
 
 
 @pytest.fixture(autouse=True)
@@ -60,36 +52,13 @@ def fs_llr(x, weight, bias=None, negative_slope=0.01):
     return FS.linear_leaky_relu(x, weight, bias, negative_slope)
 
 
-def _factor(z, slope):
-    """d leaky_relu / dz in z's dtype (torch's rule: 1 where z > 0, else slope, also at z == 0)."""
-    return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, slope))
-
-
-def leaf(t, dtype=None, requires_grad=True):
-    if t is None:
-        return None
-    c = t.detach()
-    if dtype is not None and dtype != c.dtype:
-        c = c.to(dtype)
-    return c.requires_grad_(requires_grad)
-
-
-def run(fn, leaves, dy, backend=None):
-    with fusedstab.use_backend(backend) if backend else contextlib.nullcontext():
-        out = fn(*leaves)
-        req = [t for t in leaves if t is not None and t.requires_grad]
-        gs = iter(torch.autograd.grad(out, req, dy)) if req else iter(())
-    grads = [next(gs) if t is not None and t.requires_grad else None for t in leaves]
-    return out.detach(), grads
-
-
 def conditioning(x, w, b, dy, slope):
     """float64 conditioning scales (each >= 1) of z (per element), dx, dweight (per element) and
     dbias (per element), and z itself: the sums of |terms| each result is computed from."""
     x64, w64 = x.double(), w.double()
     z = F.linear(x64, w64, None if b is None else b.double())
     cz = F.linear(x64.abs(), w64.abs(), None if b is None else b.double().abs())
-    g = dy.double() * _factor(z, slope)
+    g = dy.double() * leaky_relu_factor(z, slope)
     ga = g.abs()
     cdx = ga @ w64.abs()
     g2, x2 = ga.reshape(-1, w.shape[0]), x64.abs().reshape(-1, w.shape[1])
@@ -628,17 +597,6 @@ def test_module_fp16_params_forward():
 
 
 # ============================================================================= bad input
-def _exception_type_like_torch(torch_call, fs_call):
-    with pytest.raises(Exception) as t_info:
-        torch_call()
-    with pytest.raises(Exception) as f_info:
-        fs_call()
-    assert type(f_info.value) is type(t_info.value), (
-        f"torch raises {type(t_info.value).__name__}({t_info.value}), "
-        f"fusedstab raises {type(f_info.value).__name__}({f_info.value})")
-    assert str(f_info.value)
-
-
 _X = lambda: torch.randn(3, 4)  # noqa: E731
 BAD = [
     ("in_features-mismatch", lambda f: f(_X(), torch.ones(5, 3))),
@@ -658,7 +616,7 @@ BAD = [
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
 def test_bad_input_raises_like_torch(case):
     _, call = case
-    _exception_type_like_torch(lambda: call(torch_llr), lambda: call(fs_llr))
+    assert_raises_like_torch(lambda: call(torch_llr), lambda: call(fs_llr))
 
 
 def test_weight_not_2d_raises():
@@ -672,8 +630,8 @@ def test_weight_not_2d_raises():
 def test_module_bad_input_raises_like_torch():
     m = fnn.LinearLeakyReLU(4, 3)
     t = torch.nn.Linear(4, 3)
-    _exception_type_like_torch(lambda: t(torch.randn(2, 5)), lambda: m(torch.randn(2, 5)))
-    _exception_type_like_torch(lambda: t(torch.randn(2, 4, dtype=torch.float64)),
+    assert_raises_like_torch(lambda: t(torch.randn(2, 5)), lambda: m(torch.randn(2, 5)))
+    assert_raises_like_torch(lambda: t(torch.randn(2, 4, dtype=torch.float64)),
                                lambda: m(torch.randn(2, 4, dtype=torch.float64)))
 
 
@@ -681,9 +639,9 @@ def test_module_bad_input_raises_like_torch():
 def test_device_mismatch_raises_like_torch():
     x = torch.randn(3, 4, device="cuda")
     w, b = torch.randn(5, 4), torch.randn(5)
-    _exception_type_like_torch(lambda: torch_llr(x, w, b.cuda()), lambda: fs_llr(x, w, b.cuda()))
-    _exception_type_like_torch(lambda: torch_llr(x, w.cuda(), b), lambda: fs_llr(x, w.cuda(), b))
-    _exception_type_like_torch(lambda: torch_llr(x.cpu(), w.cuda(), b.cuda()), lambda: fs_llr(x.cpu(), w.cuda(), b.cuda()))
+    assert_raises_like_torch(lambda: torch_llr(x, w, b.cuda()), lambda: fs_llr(x, w, b.cuda()))
+    assert_raises_like_torch(lambda: torch_llr(x, w.cuda(), b), lambda: fs_llr(x, w.cuda(), b))
+    assert_raises_like_torch(lambda: torch_llr(x.cpu(), w.cuda(), b.cuda()), lambda: fs_llr(x.cpu(), w.cuda(), b.cuda()))
 
 
 def test_reference_matches_torch():

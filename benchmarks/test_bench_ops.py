@@ -14,27 +14,31 @@ from fusedstab.bench.timing import make_thunk
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CFG = Config(DEVICE, torch.bfloat16 if DEVICE == "cuda" else torch.float32, quick=True)
-CASES = [c for op in ["layer_norm", "rms_norm", "add_layer_norm"] if op in OPS for c in load_cases(op, CFG)]
+OPS_HERE = ["layer_norm", "rms_norm", "add_layer_norm", "bias_leaky_relu", "linear_leaky_relu"]
+CASES = [c for op in OPS_HERE if op in OPS for c in load_cases(op, CFG)]
 
 
 def _params():
     for c in CASES:
-        shape = "x".join(str(c.params[k]) for k in ("M", "N"))
         for mode in c.modes:
-            for name in c.providers:
-                yield pytest.param(c, mode, name, id=f"{c.op}-{shape}-{mode}-{name}")
+            for name, prov in c.providers.items():
+                if prov.modes is None or mode in prov.modes:
+                    yield pytest.param(c, mode, name, id=f"{c.label}-{mode}-{name}")
 
 
 @pytest.mark.parametrize("case,mode,name", list(_params()))
-def test_norm(benchmark, case, mode, name):
+def test_op(benchmark, case, mode, name):
     prov = case.providers[name]
     sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
     benchmark.group = f"{case.label} {mode}"
     benchmark.extra_info.update(case.params, bytes=case.bytes_moved[mode])
     with prov.context():
         inputs, grads = case.make_inputs()
-        thunk = make_thunk(prov.fn, inputs, grads, mode)
+        thunk = (case.thunk or make_thunk)(prov.fn, inputs, grads, mode)
         thunk()  # warm-up outside the timing (torch.compile compiles here)
         benchmark(lambda: (thunk(), sync()))
     if benchmark.stats is not None:  # None under --benchmark-disable
-        benchmark.extra_info["GB/s"] = case.bytes_moved[mode] / benchmark.stats.stats.median / 1e9
+        median = benchmark.stats.stats.median
+        benchmark.extra_info["GB/s"] = case.bytes_moved[mode] / median / 1e9
+        if case.flops:
+            benchmark.extra_info["TFLOP/s"] = case.flops[mode] / median / 1e12
