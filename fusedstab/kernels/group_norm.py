@@ -12,41 +12,13 @@ then the activation. Backward: pass 1 writes per-group partials of sum(gw), sum(
 per-channel partials of dweight, dbias (gw = dz * w, dz = dy * act'(z), z recomputed from x);
 pass 2 writes dx = rstd * (gw - mean(gw) - xhat * mean(gw * xhat)).
 """
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from .leaky_relu import _ACC, _acc, _slope, split_slope
+from .common import _ACC, ACTIVATIONS, _acc, _act, _act_grad, _slope, split_slope, target_programs
 
-ACTIVATIONS = {"none": 0, "relu": 1, "leaky_relu": 2, "silu": 3}
 TILE = 2048
-
-
-@triton.jit
-def _act(z, ACT: tl.constexpr, slope):
-    if ACT == 1:
-        return tl.where(z < 0, 0.0, z)  # NaN stays NaN, as torch's relu
-    elif ACT == 2:
-        return tl.where(z > 0, z, z * slope)
-    elif ACT == 3:
-        return z / (1.0 + tl.exp(-z))
-    else:
-        return z
-
-
-@triton.jit
-def _act_grad(dy, z, ACT: tl.constexpr, slope):
-    if ACT == 1:
-        return tl.where(z <= 0, 0.0, dy)  # as torch's threshold_backward: NaN passes dy
-    elif ACT == 2:
-        return tl.where(z > 0, dy, dy * slope)
-    elif ACT == 3:
-        s = 1.0 / (1.0 + tl.exp(-z))
-        return dy * s * (1.0 + z * (1.0 - s))
-    else:
-        return dy
 
 
 @triton.jit
@@ -197,19 +169,12 @@ def _blocks(Cg: int, S: int, channels_inner: bool) -> tuple[int, int]:
     return max(2, min(triton.next_power_of_2(Cg), TILE // bs)), bs
 
 
-@functools.lru_cache(None)
-def _target_programs(device: torch.device) -> int:
-    if device.type == "cuda":
-        return 8 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 def _plan(x, G):
     N, C, S = x.shape
     Cg = C // G
     BLOCK_C, BLOCK_S = _blocks(Cg, S, x.stride(1) == 1 and x.stride(2) != 1)
     n_ct, n_st = triton.cdiv(Cg, BLOCK_C), triton.cdiv(S, BLOCK_S)
-    split = max(1, min(n_st, triton.cdiv(_target_programs(x.device), N * G)))
+    split = max(1, min(n_st, triton.cdiv(target_programs(x.device, 8), N * G)))
     return dict(Cg=Cg, S=S, n_ct=n_ct, n_st=n_st, BLOCK_C=BLOCK_C, BLOCK_S=BLOCK_S), (N * G, split)
 
 

@@ -9,22 +9,13 @@ What backward needs of forward: for negative_slope >= 0 the sign of y is the sig
 slope it is not, and forward packs the signs into a bit mask instead, (R, ceil(L/8)) uint8, bit j of
 byte k of a row being column 8k + j. dbias: per-program partial sums reduced afterwards, no atomics.
 """
-import functools
-import math
-
-import torch
 import triton
 import triton.language as tl
 
-_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
+from .common import _ACC, _acc, _slope, block_width, split_slope, target_programs
+
 TILE = 4096  # elements per tile
 MAX_BLOCK_L = 1024
-
-
-@triton.jit
-def _slope(slope_a, slope_b, slope_c, ACC_T: tl.constexpr):
-    # Triton passes Python floats as fp32: an fp64 slope travels as three fp32 parts (72 bits >= 53).
-    return tl.cast(slope_a, ACC_T) + tl.cast(slope_b, ACC_T) + tl.cast(slope_c, ACC_T)
 
 
 @triton.jit
@@ -109,41 +100,14 @@ def _bwd_kernel(DY, S, DX, DBP, R, L, L8, stride_dyr, stride_dyc, stride_sr, str
         tl.store(DBP + g.to(tl.int64) * L + cols64, tl.sum(acc, axis=0), mask=cmask)
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def split_slope(slope: float) -> tuple[float, float, float]:
-    """fp32 parts whose fp64 sum is exactly ``slope`` (NaN and inf: the first part alone)."""
-    parts = []
-    for _ in range(3):
-        part = float(torch.tensor(slope, dtype=torch.float32))
-        parts.append(part)
-        slope = slope - part if math.isfinite(part) else 0.0
-    return tuple(parts)
-
-
 def _blocks(L: int) -> tuple[int, int]:
-    """(BLOCK_R, BLOCK_L): TILE elements, BLOCK_L a power of two >= 8 (whole bytes of the bit mask):
-    the widest that pads a row by at most 1/16 (H*W = 3136 takes 256: 13 tiles, where 1024 would
-    pad it to 4096), else the one that pads least."""
-    widest = max(8, min(triton.next_power_of_2(L), MAX_BLOCK_L))
-    widths = [w for w in (widest >> i for i in range(5)) if w >= 8]
-    padded = lambda w: triton.cdiv(L, w) * w - L
-    block_l = next((w for w in widths if 16 * padded(w) <= L), min(widths, key=padded))
+    """(BLOCK_R, BLOCK_L): TILE elements, BLOCK_L >= 8 (whole bytes of the bit mask), see block_width."""
+    block_l = block_width(L, MAX_BLOCK_L, 8)
     return max(1, TILE // block_l), block_l
 
 
 def _warps(block_r: int, block_l: int) -> int:
     return 8 if block_r * block_l >= 4096 else 4
-
-
-@functools.lru_cache(None)
-def _programs(device: torch.device) -> int:
-    """Programs of the persistent backward: a few per SM; few under the interpreter."""
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
 
 
 def fwd(x, bias, y, mask, slope, per_row):
@@ -165,7 +129,7 @@ def bwd(dy, saved, dx, slope, use_mask, per_row, need_db):
     R, L = dy.shape
     BLOCK_R, BLOCK_L = _blocks(L)
     n_row, n_col = triton.cdiv(R, BLOCK_R), triton.cdiv(L, BLOCK_L)
-    G = max(1, min(n_row, triton.cdiv(_programs(dy.device), n_col)))
+    G = max(1, min(n_row, triton.cdiv(target_programs(dy.device, 4), n_col)))
     acc = _acc(dy.dtype)
     part = None
     if need_db:

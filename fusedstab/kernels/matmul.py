@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .leaky_relu import _ACC, _slope, split_slope, store_mask
+from .common import _ACC, _slope, split_slope
+from .leaky_relu import store_mask
 
 
 def _configs():
