@@ -196,3 +196,68 @@ def group_norm_bwd(dy: Tensor, x: Tensor, weight, bias, mean: Tensor, rstd: Tens
     gwg, xhg = gw.reshape(N, G, -1), xhat.reshape(N, G, -1)
     dx = rstd[..., None] * (gwg - gwg.mean(-1, keepdim=True) - xhg * (gwg * xhg).mean(-1, keepdim=True))
     return dx.reshape(N, C, S).to(x.dtype), (dz * xhat).sum((0, 2)), dz.sum((0, 2))
+
+
+def chan_combine(count: Tensor, mean: Tensor, m2: Tensor, dim: int):
+    """(count, mean, M2) of partial sets combined along ``dim`` by Chan et al.'s parallel formula,
+    exact for any offset of the values (sets with count 0 contribute nothing)."""
+    n = count.sum(dim)
+    mu = (count * mean).sum(dim) / n
+    return n, mu, m2.sum(dim) + (count * (mean - mu.unsqueeze(dim)) ** 2).sum(dim)
+
+
+# ----------------------------------------------------------------------------- BatchNorm (+ activation)
+def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None = None,
+               bias: Tensor | None = None, training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
+               activation: str | None = None, negative_slope: float = 0.01) -> Tensor:
+    """torch.nn.functional.batch_norm (running statistics updated in place) followed by the activation."""
+    y = torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    return activate(y, activation or "none", negative_slope)
+
+
+def _per_channel(x: Tensor, acc: torch.dtype) -> Tensor:
+    """x (N, C, S) as (C, N*S) in the accumulation dtype."""
+    return x.to(acc).transpose(0, 1).reshape(x.shape[1], -1)
+
+
+def batch_norm_stats(x: Tensor) -> Tensor:
+    """x (N, C, S) -> (3, C): count, mean and M2 (sum of squared deviations) per channel; an empty
+    batch gives count 0, mean 0, M2 0."""
+    xc = _per_channel(x, acc_dtype(x.dtype))
+    n = xc.shape[1]
+    mean = xc.sum(1) / max(n, 1)
+    m2 = ((xc - mean[:, None]) ** 2).sum(1)
+    return torch.stack([torch.full_like(mean, n), mean, m2])
+
+
+def _bn_affine(x: Tensor, weight, bias, mean: Tensor, rstd: Tensor):
+    """(xhat, z = weight * xhat + bias) of x (N, C, S) in the dtype of mean."""
+    acc = mean.dtype
+    xhat = (x.to(acc) - mean[:, None]) * rstd[:, None]
+    z = xhat if weight is None else xhat * weight.to(acc)[:, None]
+    return xhat, (z if bias is None else z + bias.to(acc)[:, None])
+
+
+def batch_norm_elemt(x: Tensor, weight, bias, mean: Tensor, rstd: Tensor, act: str, slope: float) -> Tensor:
+    """act(weight * (x - mean) * rstd + bias) per channel of x (N, C, S), in x's dtype."""
+    return activate(_bn_affine(x, weight, bias, mean, rstd)[1], act, slope).to(x.dtype)
+
+
+def batch_norm_bwd_reduce(dy: Tensor, x: Tensor, weight, bias, mean: Tensor, rstd: Tensor, act: str,
+                          slope: float) -> Tensor:
+    """(2, C): sum(dz) and sum(dz * xhat) per channel (dbias and dweight), dz = dy * act'(z)."""
+    xhat, z = _bn_affine(x, weight, bias, mean, rstd)
+    dz = activate_grad(dy.to(mean.dtype), z, act, slope)
+    return torch.stack([dz.sum((0, 2)), (dz * xhat).sum((0, 2))])
+
+
+def batch_norm_bwd_elemt(dy: Tensor, x: Tensor, weight, bias, mean: Tensor, rstd: Tensor, coef: Tensor | None,
+                         act: str, slope: float) -> Tensor:
+    """dx = weight * rstd * (dz - coef[0] - xhat * coef[1]), coef = (mean(dz), mean(dz * xhat)) over
+    the batch in training; dx = weight * rstd * dz with coef None (eval: the statistics are constants)."""
+    xhat, z = _bn_affine(x, weight, bias, mean, rstd)
+    dz = activate_grad(dy.to(mean.dtype), z, act, slope)
+    if coef is not None:
+        dz = dz - coef[0][:, None] - xhat * coef[1][:, None]
+    scale = rstd if weight is None else rstd * weight.to(mean.dtype)
+    return (dz * scale[:, None]).to(x.dtype)
