@@ -309,3 +309,33 @@ class SyncBatchNormFunction(torch.autograd.Function):
 
         dx, dw, db = _bn_backward(ctx, dy, coef_of)
         return dx, dw, db, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------- attention
+class ScaledDotProductAttentionFunction(torch.autograd.Function):
+    """``ScaledDotProductAttentionFunction.apply(q, k, v, attn_mask, is_causal, scale, dropout_p, seed, offset)
+    -> o`` for q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), Hq a multiple of Hkv, attn_mask None or
+    broadcastable to (B, Hq, L, S) (bool: True takes part; float: added to the scores, differentiable),
+    ``scale`` a float; dropout from the counter-based RNG at (seed, offset)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, attn_mask, is_causal, scale, dropout_p, seed, offset):
+        B, Hq, L, _ = q.shape
+        mask = None if attn_mask is None else attn_mask.expand(B, Hq, L, k.shape[2])
+        o, lse = _ops.attention_fwd(q, k, v, mask, is_causal, scale, dropout_p, seed, offset)
+        ctx.backend = None if torch.compiler.is_compiling() else backend.get_backend()
+        ctx.args = (is_causal, scale, dropout_p, seed, offset)
+        ctx.mask_shape = None if attn_mask is None else attn_mask.shape
+        ctx.save_for_backward(q, k, v, o, lse, attn_mask)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, attn_mask = ctx.saved_tensors
+        B, Hq, L, _ = q.shape
+        mask = None if attn_mask is None else attn_mask.expand(B, Hq, L, k.shape[2])
+        need_mask = attn_mask is not None and ctx.needs_input_grad[3]
+        with backend.use_backend(ctx.backend) if ctx.backend else contextlib.nullcontext():
+            dq, dk, dv, dmask = _ops.attention_bwd(do, q, k, v, o, lse, mask, *ctx.args, need_mask)
+        dmask = dmask.sum_to_size(attn_mask.shape).to(attn_mask.dtype) if need_mask else None
+        return dq, dk, dv, dmask, None, None, None, None, None

@@ -9,11 +9,13 @@ import torch
 from torch import Tensor
 
 from .autograd import (AddLayerNormFunction, BatchNormFunction, BiasLeakyReLUFunction, GroupNormFunction,
-                       LayerNormFunction, LinearLeakyReLUFunction, RMSNormFunction, SyncBatchNormFunction)
+                       LayerNormFunction, LinearLeakyReLUFunction, RMSNormFunction, ScaledDotProductAttentionFunction,
+                       SyncBatchNormFunction)
 from .reference import acc_dtype
 
 __all__ = ["layer_norm", "rms_norm", "add_layer_norm", "bias_leaky_relu", "linear_leaky_relu", "group_norm",
-           "batch_norm", "sync_batch_norm"]
+           "batch_norm", "sync_batch_norm",
+           "scaled_dot_product_attention"]
 
 
 def _check_norm_args(name: str, input: Tensor, normalized_shape, params: dict) -> tuple:
@@ -346,3 +348,93 @@ def sync_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: 
     if running_mean is not None:
         _update_running(running_mean, running_var, stats.view(3, *running_mean.shape), float(momentum))
     return y
+
+
+# ----------------------------------------------------------------------------- attention
+def _check_attention(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
+    """Raise what torch.nn.functional.scaled_dot_product_attention raises (same exception types)."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"scaled_dot_product_attention(): argument '{name}' must be Tensor, not "
+                            f"{type(t).__name__}")
+        if t.dim() < 2:
+            raise RuntimeError(f"scaled_dot_product_attention: {name} must have at least 2 dimensions (L, E), "
+                               f"got {t.dim()}")
+    if not query.dtype == key.dtype == value.dtype:
+        raise RuntimeError("Expected query, key, and value to have the same dtype, but got query.dtype: "
+                           f"{query.dtype} key.dtype: {key.dtype} and value.dtype: {value.dtype} instead.")
+    if not query.device == key.device == value.device:
+        raise RuntimeError("Expected query, key, and value to have the same device type, but got query.device: "
+                           f"{query.device} key.device: {key.device} and value.device: {value.device} instead.")
+    if not query.is_floating_point():
+        raise RuntimeError(f"expected scalar type Float but found {_type_name(query.dtype)}")
+    if attn_mask is not None:
+        if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
+            raise RuntimeError("Expected attn_mask dtype to be bool or float or to match query dtype, but got "
+                               f"attn_mask.dtype: {attn_mask.dtype} and  query.dtype: {query.dtype} instead.")
+        if is_causal:
+            raise RuntimeError("_scaled_dot_product_attention: Explicit attn_mask should not be set when "
+                               "is_causal=True")
+        if attn_mask.device != query.device:
+            raise RuntimeError("Expected all tensors to be on the same device, but found at least two devices, "
+                               f"{query.device} and {attn_mask.device}!")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {dropout_p}")
+    if key.shape[-1] != query.shape[-1]:
+        raise RuntimeError(f"scaled_dot_product_attention: query and key head dims differ ({query.shape[-1]} "
+                           f"and {key.shape[-1]})")
+    if value.shape[-2] != key.shape[-2]:
+        raise RuntimeError(f"scaled_dot_product_attention: key and value lengths differ ({key.shape[-2]} and "
+                           f"{value.shape[-2]})")
+
+
+def _dropout_seed() -> int:
+    """A fresh seed from torch's default CPU generator (reproducible under torch.manual_seed)."""
+    return int(torch.randint(0, 2 ** 62, (), dtype=torch.int64).item())
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+                                 enable_gqa: bool = False) -> Tensor:
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``: FlashAttention kernels (online
+    softmax in fp32, nothing of size L x S in memory, backward recomputing the probabilities).
+
+    query (N, ..., L, E), key (N, ..., S, E), value (N, ..., S, Ev), leading dims broadcast; with
+    ``enable_gqa`` the head dim (-3) of key/value may divide query's. ``attn_mask`` broadcastable to
+    (N, ..., L, S): bool (True takes part) or added to the scores (differentiable). ``is_causal``: query i
+    sees key j iff j <= i (top-left aligned, as torch). Fully masked query rows give 0 and zero
+    gradients, never NaN. fp16/bf16 on tensor cores, fp32 exact unless
+    ``torch.backends.cuda.matmul.allow_tf32``; fp64 runs on the eager reference (the ``torch`` backend).
+    Dropout keeps each probability by a counter-based RNG seeded from torch's generator; backward
+    regenerates the same mask.
+    """
+    _check_attention(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    if torch.is_autocast_enabled(query.device.type):
+        dt = torch.get_autocast_dtype(query.device.type)
+        cast = lambda t: t if t is None or not t.is_floating_point() else t.to(dt)  # noqa: E731
+        with torch.autocast(query.device.type, enabled=False):
+            return scaled_dot_product_attention(cast(query), cast(key), cast(value), cast(attn_mask), dropout_p,
+                                                is_causal, scale, enable_gqa)
+    L, E, S, Ev = query.shape[-2], query.shape[-1], key.shape[-2], value.shape[-1]
+    hq, hk, hv = (t.shape[-3] if t.dim() >= 3 else 1 for t in (query, key, value))
+    if hk != hv or hq % max(hk, 1) or (hk != hq and hk != 1 and not enable_gqa):
+        if enable_gqa:
+            raise RuntimeError(f"Number of heads in key and value must divide the number of heads in query "
+                               f"(query {hq}, key {hk}, value {hv})")
+        raise RuntimeError(f"The size of tensor a ({hq}) must match the size of tensor b ({hk}) at non-singleton "
+                           "dimension -3")
+    lead = torch.broadcast_shapes(*(t.shape[:-3] for t in (query, key, value)))
+    B = math.prod(lead)
+    q = query.expand(*lead, hq, L, E).reshape(B, hq, L, E)
+    k = key.expand(*lead, hk, S, E).reshape(B, hk, S, E)
+    v = value.expand(*lead, hk, S, Ev).reshape(B, hk, S, Ev)
+    mask = attn_mask
+    if mask is not None:
+        out_shape = (*lead, hq, L, S)
+        torch.broadcast_shapes(mask.shape, out_shape)  # raises torch's error for a mask that doesn't fit
+        mask = mask.reshape((1,) * (len(out_shape) - mask.dim()) + tuple(mask.shape))
+        mask = mask.expand(out_shape).reshape(B, hq, L, S) if len(lead) != 1 else mask.view(mask.shape[-4:])
+    scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
+    seed = _dropout_seed() if dropout_p > 0.0 else 0
+    o = ScaledDotProductAttentionFunction.apply(q, k, v, mask, bool(is_causal), scale, float(dropout_p), seed, 0)
+    return o.reshape(*lead, hq, L, Ev) if query.dim() >= 3 else o.reshape(L, Ev)

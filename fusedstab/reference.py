@@ -261,3 +261,58 @@ def batch_norm_bwd_elemt(dy: Tensor, x: Tensor, weight, bias, mean: Tensor, rstd
         dz = dz - coef[0][:, None] - xhat * coef[1][:, None]
     scale = rstd if weight is None else rstd * weight.to(mean.dtype)
     return (dz * scale[:, None]).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- attention
+def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                                 keep: Tensor | None = None) -> Tensor:
+    """softmax(scale * q k^T + mask) v, in q's dtype, for q (..., Hq, L, E), k (..., Hkv, S, E),
+    v (..., Hkv, S, Ev) with Hq a multiple of Hkv (query head h reads kv head h // (Hq // Hkv)). The mask
+    is bool (True takes part) or additive; ``is_causal``: query i sees key j iff j <= i. Fully masked
+    rows give 0. ``keep`` (broadcastable to the scores, bool) applies dropout: p * keep / (1 - dropout_p)."""
+    s = attention_scores(q, k, attn_mask, is_causal, scale)
+    p = torch.softmax(s, -1)
+    p = torch.where(s.amax(-1, keepdim=True) == float("-inf"), torch.zeros_like(p), p)  # fully masked rows
+    if keep is not None:
+        p = p * keep / (1.0 - dropout_p) if dropout_p < 1.0 else torch.zeros_like(p)
+    return p @ _heads_like(v, q)
+
+
+def _heads_like(t: Tensor, q: Tensor) -> Tensor:
+    """k or v with each kv head repeated for the query heads that read it (grouped-query attention)."""
+    if q.dim() >= 3 and t.shape[-3] != q.shape[-3]:
+        return t.repeat_interleave(q.shape[-3] // t.shape[-3], dim=-3)
+    return t
+
+
+def attention_scores(q: Tensor, k: Tensor, attn_mask: Tensor | None, is_causal: bool, scale: float | None) -> Tensor:
+    """scale * q k^T, masked (-inf where a bool mask or causality excludes; plus an additive mask)."""
+    L, S = q.shape[-2], k.shape[-2]
+    s = (q @ _heads_like(k, q).transpose(-2, -1)) * (1.0 / q.shape[-1] ** 0.5 if scale is None else scale)
+    if is_causal:
+        s = s.masked_fill(~torch.ones(L, S, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
+    return s
+
+
+def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float,
+                  is_causal: bool, scale: float, keep: Tensor | None = None):
+    """Gradients of scaled_dot_product_attention (same arguments): (dq, dk, dv, dscores), dk and dv
+    summed over the query heads of each kv head; dscores = P * (dP - rowsum(dP * P)) is also the
+    gradient of an additive mask (before summing over its broadcast dims)."""
+    s = attention_scores(q, k, attn_mask, is_causal, scale)
+    p = torch.softmax(s, -1)
+    p = torch.where(s.amax(-1, keepdim=True) == float("-inf"), torch.zeros_like(p), p)
+    drop = 1.0 if keep is None else keep * (1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0)
+    dp = (do @ _heads_like(v, q).transpose(-2, -1)) * drop
+    ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+    dv = (p * drop).transpose(-2, -1) @ do
+    dq = (ds @ _heads_like(k, q)) * scale
+    dk = (ds.transpose(-2, -1) @ q) * scale
+    if q.dim() >= 3 and k.shape[-3] != q.shape[-3]:  # sum each group of query heads into its kv head
+        g = q.shape[-3] // k.shape[-3]
+        dk = dk.unflatten(-3, (k.shape[-3], g)).sum(-3)
+        dv = dv.unflatten(-3, (k.shape[-3], g)).sum(-3)
+    return dq, dk, dv, ds
