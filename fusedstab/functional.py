@@ -273,10 +273,12 @@ def _check_batch_norm(input, running_mean, running_var, weight, bias, training, 
         raise TypeError(f"batch_norm(): argument 'momentum' (position 7) must be float, not {type(momentum).__name__}")
     if input.dim() < 2:
         raise RuntimeError(f"batch_norm: expected input of shape (N, C, *), got {input.dim()}-D input")
+    if not training:
+        for name, r in (("running_mean", running_mean), ("running_var", running_var)):
+            if r is None:
+                raise RuntimeError(f"{name} must be defined in evaluation mode")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
-    if not training and running_mean is None:
-        raise RuntimeError("running_mean must be defined in evaluation mode")
     C = input.shape[1]
     params = {"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var}
     for name, p in params.items():

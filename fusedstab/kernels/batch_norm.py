@@ -9,9 +9,9 @@ x is (N, C, S), dense in one of two layouts (fusedstab.autograd makes it so); dy
 Each channel's reduction is split over SPLIT programs (tile t goes to program t % SPLIT), so that
 few channels or a small batch still fill the GPU.
 
-Statistics: each program combines its tiles' (count, mean, M2) as Chan et al. do (stable whatever
-the offset of the values) and writes them per channel; the host combines the programs in a fixed
-order. Backward: one pass writes per-program sum(dz) and sum(dz * xhat) per channel (dbias and
+Statistics: each program combines its tiles' (count, mean, M2) as Chan et al. do, on values centred
+by a pivot (its first tile's mean), and writes them per channel; the host combines the programs in
+float64 in a fixed order. Backward: one pass writes per-program sum(dz) and sum(dz * xhat) per channel (dbias and
 dweight), dz = dy * act'(z) with z = w * xhat + b recomputed from x; a second pass writes
 dx = w * rstd * (dz - mean(dz) - xhat * mean(dz * xhat)) (without the means in eval mode).
 """
@@ -86,14 +86,18 @@ def _czeros(CL: tl.constexpr, ACC_T: tl.constexpr, BLOCK_J: tl.constexpr):
 @triton.jit
 def _stats_kernel(X, PART, C, I, J, row_stride, n_t, n_tj, ACC_T: tl.constexpr, CL: tl.constexpr,
                   BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
-    """PART (3, SPLIT, C): this program's count, mean and M2 per channel."""
+    """PART (4, SPLIT, C): this program's count, pivot, mean - pivot and M2 per channel. The pivot (the
+    mean of the program's first tile) centres the values: fp32 means of data offset far from 0 are off
+    by an ulp of the offset, which Chan's update would multiply into M2."""
     pc, split, SPLIT = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+    offs, mask = _tile(split, pc, I, J, row_stride, n_tj, CL, BLOCK_I, BLOCK_J)
+    pivot = _csum(tl.load(X + offs, mask=mask, other=0.0).to(ACC_T), CL) / tl.maximum(_csum(mask.to(ACC_T), CL), 1.0)
     cnt = _czeros(CL, ACC_T, BLOCK_J)
     mean = _czeros(CL, ACC_T, BLOCK_J)
     m2 = _czeros(CL, ACC_T, BLOCK_J)
     for t in range(split, n_t, SPLIT):
         offs, mask = _tile(t, pc, I, J, row_stride, n_tj, CL, BLOCK_I, BLOCK_J)
-        v = tl.load(X + offs, mask=mask, other=0.0).to(ACC_T)
+        v = tl.where(mask, tl.load(X + offs, mask=mask, other=0.0).to(ACC_T) - _tile_bc(pivot, CL), 0.0)
         c = _csum(mask.to(ACC_T), CL)  # 0 only in padding channels, never stored
         tile_mean = _csum(v, CL) / tl.maximum(c, 1.0)
         d = tl.where(mask, v - _tile_bc(tile_mean, CL), 0.0)
@@ -104,8 +108,9 @@ def _stats_kernel(X, PART, C, I, J, row_stride, n_t, n_tj, ACC_T: tl.constexpr, 
         m2 += _csum(d * d, CL) + delta * delta * cnt * frac
         cnt = tot
     _cstore(PART + split * C, pc, cnt, C, CL, BLOCK_J)
-    _cstore(PART + (SPLIT + split) * C, pc, mean, C, CL, BLOCK_J)
-    _cstore(PART + (2 * SPLIT + split) * C, pc, m2, C, CL, BLOCK_J)
+    _cstore(PART + (SPLIT + split) * C, pc, pivot, C, CL, BLOCK_J)
+    _cstore(PART + (2 * SPLIT + split) * C, pc, mean, C, CL, BLOCK_J)
+    _cstore(PART + (3 * SPLIT + split) * C, pc, m2, C, CL, BLOCK_J)
 
 
 @triton.jit
@@ -198,7 +203,7 @@ def _plan(x, cl: bool):
         n_cols, n_tj, n_t = triton.cdiv(C, bj), 1, triton.cdiv(I, bi)
     else:
         I, J, row_stride = N, S, C * S
-        bj = block_width(S, 1024)
+        bj = block_width(S, 1024, min(triton.next_power_of_2(S), 128))  # runs of >= 128 elements: whole sectors
         bi = max(2, min(triton.next_power_of_2(N), TILE // bj))
         n_cols, n_tj = C, triton.cdiv(S, bj)
         n_t = triton.cdiv(N, bi) * n_tj
@@ -208,9 +213,9 @@ def _plan(x, cl: bool):
 
 
 def stats(x, cl, acc):
-    """Per-program (count, mean, M2) per channel: (3, SPLIT, C) in ``acc``."""
+    """Per-program (count, pivot, mean - pivot, M2) per channel: (4, SPLIT, C) in ``acc``."""
     geo, meta, grid = _plan(x, cl)
-    part = x.new_empty((3, grid[1], x.shape[1]), dtype=acc)
+    part = x.new_empty((4, grid[1], x.shape[1]), dtype=acc)
     _stats_kernel[grid](x, part, x.shape[1], *geo.values(), ACC_T=_ACC[acc], **meta)
     return part
 

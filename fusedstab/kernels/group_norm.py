@@ -5,8 +5,8 @@ place. Group (n, g) is the (C/G, S) block of channels g*C/G.. of sample n. Each 
 split over SPLIT programs (grid (N*G, SPLIT)) so that batch 1 with 32 groups still fills the GPU;
 program ``split`` takes the spatial tiles split, split + SPLIT, ... of every channel tile.
 
-Forward: pass 1 writes per-program (count, mean, M2) of its tiles (Chan's parallel combine, stable
-whatever the offset of the values); the host side combines them in a fixed order (deterministic)
+Forward: pass 1 writes per-program (count, mean, M2) of its tiles (Chan's parallel combine on values
+centred by a pivot); the host side combines them in float64 in a fixed order (deterministic)
 into mean and rstd; pass 2 normalizes, applies weight and bias,
 then the activation. Backward: pass 1 writes per-group partials of sum(gw), sum(gw * xhat) and
 per-channel partials of dweight, dbias (gw = dz * w, dz = dy * act'(z), z recomputed from x);
@@ -34,17 +34,22 @@ def _tile(n, g, ct, st, Cg, S, sn, sc, ss, BLOCK_C: tl.constexpr, BLOCK_S: tl.co
 @triton.jit
 def _fwd_stats_kernel(X, PART, G, Cg, S, sn, sc, ss, n_ct, n_st, ACC_T: tl.constexpr,
                       BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """PART (N*G, SPLIT, 3): this program's (count, mean, sum of squared deviations), its tiles
-    combined as Chan et al. do (stable whatever the values' offset)."""
+    """PART (N*G, SPLIT, 4): this program's (count, pivot, mean - pivot, sum of squared deviations),
+    its tiles combined as Chan et al. do on values centred by the pivot (the mean of its first tile:
+    fp32 means of data offset far from 0 are off by an ulp of the offset, which Chan's update would
+    multiply into M2)."""
     ng, split, SPLIT = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
     n, g = ng // G, ng % G
+    offs, ch, mask = _tile(n, g, 0, split, Cg, S, sn, sc, ss, BLOCK_C, BLOCK_S)
+    pivot = tl.sum(tl.sum(tl.load(X + offs, mask=mask, other=0.0).to(ACC_T), axis=1), axis=0) / \
+        tl.sum(tl.sum(mask.to(ACC_T), axis=1), axis=0)
     cnt = tl.zeros([1], dtype=ACC_T)
     mean = tl.zeros([1], dtype=ACC_T)
     m2 = tl.zeros([1], dtype=ACC_T)
     for ct in range(0, n_ct):
         for st in range(split, n_st, SPLIT):
             offs, ch, mask = _tile(n, g, ct, st, Cg, S, sn, sc, ss, BLOCK_C, BLOCK_S)
-            v = tl.load(X + offs, mask=mask, other=0.0).to(ACC_T)
+            v = tl.where(mask, tl.load(X + offs, mask=mask, other=0.0).to(ACC_T) - pivot, 0.0)
             c = tl.sum(tl.sum(mask.to(ACC_T), axis=1), axis=0)
             tile_mean = tl.sum(tl.sum(v, axis=1), axis=0) / c
             d = tl.where(mask, v - tile_mean, 0.0)
@@ -54,10 +59,11 @@ def _fwd_stats_kernel(X, PART, G, Cg, S, sn, sc, ss, n_ct, n_st, ACC_T: tl.const
             mean += delta * frac
             m2 += tl.sum(tl.sum(d * d, axis=1), axis=0) + delta * delta * cnt * frac
             cnt = tot
-    out = PART + (ng.to(tl.int64) * SPLIT + split) * 3 + tl.arange(0, 1)
+    out = PART + (ng.to(tl.int64) * SPLIT + split) * 4 + tl.arange(0, 1)
     tl.store(out, cnt)
-    tl.store(out + 1, mean)
-    tl.store(out + 2, m2)
+    tl.store(out + 1, pivot + tl.zeros([1], ACC_T))
+    tl.store(out + 2, mean)
+    tl.store(out + 3, m2)
 
 
 @triton.jit
@@ -179,10 +185,10 @@ def _plan(x, G):
 
 
 def fwd_stats(x, G):
-    """Per-program (count, mean, M2): (N*G, SPLIT, 3)."""
+    """Per-program (count, pivot, mean - pivot, M2): (N*G, SPLIT, 4)."""
     p, grid = _plan(x, G)
     acc = _acc(x.dtype)
-    part = x.new_empty((grid[0], grid[1], 3), dtype=acc)
+    part = x.new_empty((grid[0], grid[1], 4), dtype=acc)
     _fwd_stats_kernel[grid](x, part, G, p["Cg"], p["S"], *x.stride(), p["n_ct"], p["n_st"], ACC_T=_ACC[acc],
                             BLOCK_C=p["BLOCK_C"], BLOCK_S=p["BLOCK_S"], num_warps=4)
     return part

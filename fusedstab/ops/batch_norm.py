@@ -130,8 +130,8 @@ def _stats_triton(x):
     if not x.numel():
         return _per_channel(x, 3).zero_()
     xk, cl = _layout(x)
-    count, mean, m2 = reference.chan_combine(*K.stats(xk, cl, acc), dim=0)  # programs in a fixed order
-    return torch.stack([count, mean, m2])
+    count, pivot, mean, m2 = K.stats(xk, cl, acc).double()  # float64: the pivots make the means exact
+    return torch.stack(reference.chan_combine(count, pivot + mean, m2, dim=0)).to(acc)  # a fixed order
 
 
 def _elemt_triton(x, weight, bias, mean, rstd, act, slope):

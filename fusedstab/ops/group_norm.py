@@ -106,11 +106,11 @@ def _fwd_triton(x, weight, bias, G, eps, act, slope):
     if not x.numel():
         return _empty_fwd(x, G)
     N = x.shape[0]
-    count, pmean, pm2 = K.fwd_stats(x, G).unbind(-1)  # per program, (N*G, SPLIT)
-    mean = (count * pmean).sum(1) / count.sum(1)  # Chan's combine of the programs, in a fixed order
-    m2 = pm2.sum(1) + (count * (pmean - mean[:, None]) ** 2).sum(1)
-    rstd = torch.rsqrt(m2 / count.sum(1) + eps).view(N, G)
-    mean = mean.view(N, G)
+    acc = acc_dtype(x.dtype)
+    count, pivot, pmean, pm2 = K.fwd_stats(x, G).double().unbind(-1)  # per program, (N*G, SPLIT)
+    count, mean, m2 = reference.chan_combine(count, pivot + pmean, pm2, dim=1)  # float64, a fixed order
+    rstd = torch.rsqrt(m2 / count + eps).to(acc).view(N, G)
+    mean = mean.to(acc).view(N, G)
     y = torch.empty_like(x)
     K.fwd_norm(x, _dense(weight), _dense(bias), y, mean, rstd, G, act, slope)
     return y, mean, rstd
