@@ -192,3 +192,24 @@ def graph_recorder():
         return compiler
 
     return aot_autograd(fw_compiler=keep("fw"), bw_compiler=keep("bw")), graphs
+
+
+# ----------------------------------------------------------------------------- fused activations
+def act_fn(y, activation, slope=0.01):
+    """The activation as a torch user writes it after the op it is fused into (None: none)."""
+    import torch.nn.functional as F
+
+    if activation is None:
+        return y
+    if activation == "relu":
+        return F.relu(y)
+    if activation == "leaky_relu":
+        return F.leaky_relu(y, slope)
+    if activation == "silu":
+        return F.silu(y)
+    raise ValueError(activation)
+
+
+def act_grad_bound(activation, slope=0.01) -> float:
+    """max |d act / dz| (silu's derivative peaks at ~1.0998)."""
+    return {None: 1.0, "relu": 1.0, "leaky_relu": max(1.0, abs(slope)), "silu": 1.1}[activation]

@@ -27,8 +27,8 @@ from fusedstab import backend as fs_backend
 from fusedstab import functional as FS
 from fusedstab import reference
 
-from helpers import (DEVICES, assert_matches, assert_raises_like_torch, assert_same_nonfinite, device_dtypes,
-                     graph_recorder, keeps_layout, leaf, run, same_layout)
+from helpers import (DEVICES, act_fn, act_grad_bound, assert_matches, assert_raises_like_torch, assert_same_nonfinite,
+                     device_dtypes, graph_recorder, keeps_layout, leaf, run, same_layout)
 
 BACKENDS = ("triton", "torch")
 OPS = torch.ops.fusedstab
@@ -47,24 +47,6 @@ def _triton_ok_on_dev() -> bool:
 
 
 # ----------------------------------------------------------------------------- calling the ops
-def act_fn(y, activation, slope):
-    """The activation as a torch user writes it after F.group_norm."""
-    if activation is None:
-        return y
-    if activation == "relu":
-        return F.relu(y)
-    if activation == "leaky_relu":
-        return F.leaky_relu(y, slope)
-    if activation == "silu":
-        return F.silu(y)
-    raise ValueError(activation)
-
-
-def act_grad_bound(activation, slope) -> float:
-    """max |d act / dz| (silu's derivative peaks at ~1.0998)."""
-    return {None: 1.0, "relu": 1.0, "leaky_relu": max(1.0, abs(slope)), "silu": 1.1}[activation]
-
-
 def torch_gn(x, G, w, b, eps=EPS, activation=None, slope=0.01):
     """Eager torch: F.group_norm then the activation. Where torch has no kernel for the dtype mix
     (e.g. an fp32 weight with a bf16 input on some devices) torch runs on the inputs upcast to their
