@@ -537,6 +537,20 @@ def test_group_with_an_outlier(backend, where, fmt):
     compare(backend, x, 2, w, b, tag=f"outlier {where} {fmt}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fmt", ("contiguous", "channels_last"))
+def test_large_offset_keeps_precision(backend, fmt):
+    """fp32 groups of mean 1e4 and std 1: the variance (rstd) keeps fp32 precision. An fp32 mean near
+    1e4 is off by ~1e-3, which an uncentred Chan update multiplies into M2 (~1e-5 relative here)."""
+    mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+    x = (torch.randn(2, 16, 40, 40) + 1e4).contiguous(memory_format=mf)  # groups of several tiles
+    with fusedstab.use_backend(backend):
+        _, mean, rstd = OPS.group_norm_fwd(x.flatten(2), None, None, 2, EPS, "none", 0.01)
+    xg = x.double().reshape(2, 2, -1)
+    torch.testing.assert_close(mean.double(), xg.mean(-1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(rstd.double(), torch.rsqrt(xg.var(-1, unbiased=False) + EPS), rtol=2e-6, atol=0)
+
+
 # ----------------------------------------------------------------------------- determinism
 @pytest.mark.parametrize("backend", ["triton"])
 @pytest.mark.parametrize("fmt", ("contiguous", "channels_last"))
