@@ -312,6 +312,27 @@ class SyncBatchNormFunction(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------- attention
+class _BroadcastTo(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, shape):
+        ctx.shape, ctx.dtype = t.shape, t.dtype
+        return t.expand(shape)
+
+    @staticmethod
+    def backward(ctx, g):
+        acc = torch.float64 if ctx.dtype == torch.float64 else torch.float32
+        return g.to(acc).sum_to_size(ctx.shape).to(ctx.dtype), None
+
+
+def broadcast_to(t, shape):
+    """``t.expand(shape)``, a view, whose gradient is summed over the broadcast dims in fp32 and
+    rounded once to t's dtype (autograd's own expand sums fp16/bf16 gradients in fp16/bf16)."""
+    shape = tuple(shape)
+    if tuple(t.shape) == shape or not t.requires_grad:
+        return t.expand(shape)
+    return _BroadcastTo.apply(t, shape)
+
+
 class ScaledDotProductAttentionFunction(torch.autograd.Function):
     """``ScaledDotProductAttentionFunction.apply(q, k, v, attn_mask, is_causal, scale, dropout_p, seed, offset)
     -> o`` for q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), Hq a multiple of Hkv, attn_mask None or

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .autograd import (AddLayerNormFunction, BatchNormFunction, BiasLeakyReLUFunction, GroupNormFunction,
                        LayerNormFunction, LinearLeakyReLUFunction, RMSNormFunction, ScaledDotProductAttentionFunction,
-                       SyncBatchNormFunction)
+                       SyncBatchNormFunction, broadcast_to)
 from .reference import acc_dtype
 
 __all__ = ["layer_norm", "rms_norm", "add_layer_norm", "bias_leaky_relu", "linear_leaky_relu", "group_norm",
@@ -368,6 +368,8 @@ def _check_attention(query, key, value, attn_mask, dropout_p, is_causal, enable_
     if not query.device == key.device == value.device:
         raise RuntimeError("Expected query, key, and value to have the same device type, but got query.device: "
                            f"{query.device} key.device: {key.device} and value.device: {value.device} instead.")
+    if query.is_complex():
+        raise NotImplementedError(f"scaled_dot_product_attention: complex inputs are not supported ({query.dtype})")
     if not query.is_floating_point():
         raise RuntimeError(f"expected scalar type Float but found {_type_name(query.dtype)}")
     if attn_mask is not None:
@@ -380,7 +382,7 @@ def _check_attention(query, key, value, attn_mask, dropout_p, is_causal, enable_
         if attn_mask.device != query.device:
             raise RuntimeError("Expected all tensors to be on the same device, but found at least two devices, "
                                f"{query.device} and {attn_mask.device}!")
-    if not 0.0 <= dropout_p <= 1.0:
+    if not dropout_p <= 1.0:  # a negative one is no dropout, as in torch
         raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {dropout_p}")
     if key.shape[-1] != query.shape[-1]:
         raise RuntimeError(f"scaled_dot_product_attention: query and key head dims differ ({query.shape[-1]} "
@@ -417,26 +419,61 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         with torch.autocast(query.device.type, enabled=False):
             return scaled_dot_product_attention(cast(query), cast(key), cast(value), cast(attn_mask), dropout_p,
                                                 is_causal, scale, enable_gqa)
+    dropout_p = max(float(dropout_p), 0.0)
+    lead = torch.broadcast_shapes(*(t.shape[:-3] for t in (query, key, value)))
+    if query.dtype in (torch.float16, torch.bfloat16) and any(
+            t.requires_grad and tuple(t.shape[:-3]) != tuple(lead) for t in (query, key, value)):
+        # A gradient summed over broadcast batch dims would round each batch's part to fp16/bf16 and
+        # then the sum: run this (rare) case in fp32 and round once.
+        up = (t if t is None or not t.is_floating_point() else t.float() for t in (query, key, value, attn_mask))
+        return scaled_dot_product_attention(*up, dropout_p, is_causal, scale, enable_gqa).to(query.dtype)
     L, E, S, Ev = query.shape[-2], query.shape[-1], key.shape[-2], value.shape[-1]
     hq, hk, hv = (t.shape[-3] if t.dim() >= 3 else 1 for t in (query, key, value))
-    if hk != hv or hq % max(hk, 1) or (hk != hq and hk != 1 and not enable_gqa):
-        if enable_gqa:
+    if enable_gqa:  # torch's repeat_interleave of the key and value heads
+        if not hk or not hv or hq % hk or hq % hv:
             raise RuntimeError(f"Number of heads in key and value must divide the number of heads in query "
                                f"(query {hq}, key {hk}, value {hv})")
-        raise RuntimeError(f"The size of tensor a ({hq}) must match the size of tensor b ({hk}) at non-singleton "
-                           "dimension -3")
-    lead = torch.broadcast_shapes(*(t.shape[:-3] for t in (query, key, value)))
+        H = hq
+    else:  # heads broadcast as any batch dim
+        H = torch.broadcast_shapes((hq,), (hk,), (hv,))[0]
+    nd = max(t.dim() for t in (query, key, value))
     B = math.prod(lead)
-    q = query.expand(*lead, hq, L, E).reshape(B, hq, L, E)
-    k = key.expand(*lead, hk, S, E).reshape(B, hk, S, E)
-    v = value.expand(*lead, hk, S, Ev).reshape(B, hk, S, Ev)
+    q = _to_bhld(query, lead, H, B)
+    if hk == hv and H % hk == 0:  # the kernels' grouped-query attention: kv head h // (H // hk)
+        k, v = _to_bhld(key, lead, hk, B), _to_bhld(value, lead, hk, B)
+    else:  # key and value heads differ: give each all H heads
+        k, v = _to_bhld(_repeat_heads(key, H), lead, H, B), _to_bhld(_repeat_heads(value, H), lead, H, B)
     mask = attn_mask
     if mask is not None:
-        out_shape = (*lead, hq, L, S)
+        out_shape = (*lead, H, L, S) if nd >= 3 else (L, S)
+        if mask.dim() > len(out_shape):
+            raise RuntimeError(f"attn_mask of shape {list(mask.shape)} has more dims than the attention weights "
+                               f"{list(out_shape)}")
         torch.broadcast_shapes(mask.shape, out_shape)  # raises torch's error for a mask that doesn't fit
         mask = mask.reshape((1,) * (len(out_shape) - mask.dim()) + tuple(mask.shape))
-        mask = mask.expand(out_shape).reshape(B, hq, L, S) if len(lead) != 1 else mask.view(mask.shape[-4:])
+        if all(d == 1 for d in mask.shape[:-3]):  # broadcast over the batch: one (1, h, L, S) view
+            mask = mask.reshape(1, *mask.shape[-3:])
+        else:
+            mask = _to_bhld(mask, lead, mask.shape[-3], B)
     scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
     seed = _dropout_seed() if dropout_p > 0.0 else 0
-    o = ScaledDotProductAttentionFunction.apply(q, k, v, mask, bool(is_causal), scale, float(dropout_p), seed, 0)
-    return o.reshape(*lead, hq, L, Ev) if query.dim() >= 3 else o.reshape(L, Ev)
+    o = ScaledDotProductAttentionFunction.apply(q, k, v, mask, bool(is_causal), scale, dropout_p, seed, 0)
+    return o.reshape(*lead, H, L, Ev) if nd >= 3 else o.reshape(L, Ev)
+
+
+def _to_bhld(t: Tensor, lead, h: int, B: int) -> Tensor:
+    """t (*t_lead, h_t, L, D) as (B, h, L, D): broadcast leading dims and heads (a view; its gradient
+    summed in fp32) and the leading dims merged into B (a view where strides allow)."""
+    t = t.reshape((1,) * (len(lead) + 3 - t.dim()) + tuple(t.shape)) if t.dim() < len(lead) + 3 else t
+    return broadcast_to(t, (*lead, h, *t.shape[-2:])).reshape(B, h, *t.shape[-2:])
+
+
+def _repeat_heads(t: Tensor, H: int) -> Tensor:
+    """t (..., h, S, D) with each head repeated for H // h query heads in a row (torch's
+    repeat_interleave of grouped-query attention), as a broadcast view."""
+    if t.dim() < 3:
+        t = t.unsqueeze(0)
+    h = t.shape[-3]
+    t = broadcast_to(t.unsqueeze(-3), (*t.shape[:-2], H // h, *t.shape[-2:]))
+    return t.flatten(-4, -3)
+

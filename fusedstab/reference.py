@@ -272,11 +272,18 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Ten
     is bool (True takes part) or additive; ``is_causal``: query i sees key j iff j <= i. Fully masked
     rows give 0. ``keep`` (broadcastable to the scores, bool) applies dropout: p * keep / (1 - dropout_p)."""
     s = attention_scores(q, k, attn_mask, is_causal, scale)
-    p = torch.softmax(s, -1)
-    p = torch.where(s.amax(-1, keepdim=True) == float("-inf"), torch.zeros_like(p), p)  # fully masked rows
+    p = _probs(s)
     if keep is not None:
         p = p * keep / (1.0 - dropout_p) if dropout_p < 1.0 else torch.zeros_like(p)
     return p @ _heads_like(v, q)
+
+
+def _probs(s: Tensor) -> Tensor:
+    """softmax over keys, 0 on fully masked rows (and no keys at all)."""
+    if not s.shape[-1]:
+        return s
+    p = torch.softmax(s, -1)
+    return torch.where(s.amax(-1, keepdim=True) == float("-inf"), torch.zeros_like(p), p)
 
 
 def _heads_like(t: Tensor, q: Tensor) -> Tensor:
@@ -303,8 +310,7 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor
     summed over the query heads of each kv head; dscores = P * (dP - rowsum(dP * P)) is also the
     gradient of an additive mask (before summing over its broadcast dims)."""
     s = attention_scores(q, k, attn_mask, is_causal, scale)
-    p = torch.softmax(s, -1)
-    p = torch.where(s.amax(-1, keepdim=True) == float("-inf"), torch.zeros_like(p), p)
+    p = _probs(s)
     drop = 1.0 if keep is None else keep * (1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0)
     dp = (do @ _heads_like(v, q).transpose(-2, -1)) * drop
     ds = p * (dp - (dp * p).sum(-1, keepdim=True))

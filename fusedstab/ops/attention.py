@@ -10,8 +10,8 @@ takes part) or additive float; causal: query i sees key j iff j <= i. o (B, Hq, 
 q's (B, Hq, L) dims are; lse (B, Hq, L) is the natural-log logsumexp of the masked, scaled scores in
 the accumulation dtype, -inf on fully masked rows (whose o is 0 and whose gradients are 0). Dropout
 keeps probability (b, h, i, j) by a counter-based RNG of (seed, offset, index), so backward regenerates
-the forward's mask. dmask is the (B, Hq, L, S) fp32 gradient of an additive mask when mask_needs_grad,
-else empty.
+the forward's mask. dmask is the (B, Hq, L, S) gradient of an additive mask (in the accumulation dtype)
+when mask_needs_grad, else empty.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def _lse(q: Tensor) -> Tensor:
 
 
 def _dmask(q: Tensor, S: int, needed: bool) -> Tensor:
-    return q.new_zeros((*q.shape[:3], S) if needed else (0,), dtype=torch.float32)
+    return q.new_zeros((*q.shape[:3], S) if needed else (0,), dtype=acc_dtype(q.dtype))
 
 
 @torch.library.custom_op("fusedstab::attention_fwd", mutates_args=())
@@ -93,7 +93,7 @@ def _bwd_torch(do, q, k, v, o, lse, mask, causal, scale, dropout_p, seed, offset
     dq, dk, dv, ds = reference.attention_bwd(do.to(acc), q.to(acc), k.to(acc), v.to(acc), _upcast(mask, acc),
                                              dropout_p, causal, scale, _keep(q, k.shape[2], dropout_p, seed, offset))
     grads = tuple(torch.empty_like(t).copy_(g) for t, g in zip((q, k, v), (dq, dk, dv)))
-    return (*grads, ds.float() if mask_needs_grad else _dmask(q, k.shape[2], False))
+    return (*grads, ds if mask_needs_grad else _dmask(q, k.shape[2], False))
 
 
 backend.register("attention_fwd", "torch", _fwd_torch)
