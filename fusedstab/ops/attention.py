@@ -15,6 +15,7 @@ when mask_needs_grad, else empty.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -113,6 +114,15 @@ def _triton_ok(*args) -> str | None:
     return None
 
 
+def _precise(q: Tensor) -> bool:
+    """fp16/bf16 numerics: on CUDA FlashAttention's (P and dS rounded to the input dtype for the tensor
+    cores, as torch's flash backend; dq, dk up to ~4x the error of an fp32 math path), elsewhere (the
+    interpreter) the kernels' precise mode (P and dS as two halves: within ~1x of the math path, for
+    1.5x / 1.7x the tensor-core work). FUSEDSTAB_ATTENTION_PRECISE=1 or 0 chooses either everywhere."""
+    env = os.environ.get("FUSEDSTAB_ATTENTION_PRECISE", "")
+    return env == "1" if env in ("0", "1") else q.device.type != "cuda"
+
+
 def _allow_tf32(q: Tensor) -> bool:
     return q.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
 
@@ -121,7 +131,7 @@ def _fwd_triton(q, k, v, mask, causal, scale, dropout_p, seed, offset):
     from ..kernels import attention as K
 
     o, lse = K.attention_fwd(q, k, v, mask, causal=causal, scale=scale, dropout_p=dropout_p, seed=seed,
-                             offset=offset, allow_tf32=_allow_tf32(q))
+                             offset=offset, allow_tf32=_allow_tf32(q), precise=_precise(q))
     want = _o_like(q, v.shape[-1])
     return (o if o.stride() == want.stride() else want.copy_(o)), lse
 
@@ -131,7 +141,7 @@ def _bwd_triton(do, q, k, v, o, lse, mask, causal, scale, dropout_p, seed, offse
 
     dq, dk, dv, dmask = K.attention_bwd(do, q, k, v, o, lse, mask, causal=causal, scale=scale, dropout_p=dropout_p,
                                         seed=seed, offset=offset, mask_needs_grad=mask_needs_grad,
-                                        allow_tf32=_allow_tf32(q))
+                                        allow_tf32=_allow_tf32(q), precise=_precise(q))
     return dq, dk, dv, (dmask if mask_needs_grad else _dmask(q, k.shape[2], False))
 
 
