@@ -20,7 +20,9 @@ ROW_KEYS = {"op", "mode", "provider", "dtype", "ms", "bytes", "gbps", "pct_copy"
 SHAPE_KEYS = {"clip_grad_norm": {"model", "tensors", "numel"},  # every other op: rows of N, M of them
               "bias_leaky_relu": {"shape", "dim", "layout", "numel"},
               "linear_leaky_relu": {"M", "K", "N", "tflops"},
-              "group_norm": {"shape", "groups", "layout", "act"}}
+              "group_norm": {"shape", "groups", "layout", "act"},
+              "batch_norm": {"shape", "layout", "act"},
+              "attention": {"B", "H", "L", "E", "causal", "tflops"}}
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

@@ -2,7 +2,8 @@
 
 Layout: ``case.py`` (Case, Provider, Config), ``timing.py`` (timers, copy bandwidth),
 ``providers.py`` (eager / torch.compile / fusedstab backends / peers), one module per op family
-(``norms.py``, ``clip.py``, ``activation.py``), ``runner.py`` (runs cases into result rows), ``report.py`` (table, JSON, plot).
+(``norms.py``, ``clip.py``, ``activation.py``, ``group_norm.py``, ``batch_norm.py``,
+``attention.py``), ``runner.py`` (runs cases into result rows), ``report.py`` (table, JSON, plot).
 
 To add an op: write ``fusedstab/bench/<family>.py`` with a function ``cfg -> list[Case]`` and add
 it to ``OPS`` below. Modules are imported lazily so that one broken op never stops the others.
@@ -21,6 +22,8 @@ OPS = {
     "bias_leaky_relu": "fusedstab.bench.activation:bias_leaky_relu",
     "linear_leaky_relu": "fusedstab.bench.activation:linear_leaky_relu",
     "group_norm": "fusedstab.bench.group_norm:group_norm",
+    "batch_norm": "fusedstab.bench.batch_norm:batch_norm",
+    "attention": "fusedstab.bench.attention:attention",
 }
 
 
