@@ -1,3 +1,5 @@
+import copy
+
 import torch
 
 import fusedstab
@@ -20,3 +22,23 @@ def test_replace_modules_swaps_norms_and_keeps_numbers():
     torch.testing.assert_close(model(x), expected)
     model(x).sum().backward()
     assert model[1].weight.grad is not None and model[3][1].weight.grad is not None
+
+
+def test_replace_modules_swaps_conv_norms_and_attention():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.BatchNorm2d(8), torch.nn.GroupNorm(2, 8),
+                                torch.nn.Flatten(2), torch.nn.BatchNorm1d(8))
+    mha = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+    twin, twin_mha = copy.deepcopy(model), copy.deepcopy(mha)
+    fusedstab.nn.replace_modules(model)
+    fusedstab.nn.replace_modules(mha)
+    assert [type(m) for m in model] == [torch.nn.Conv2d, fusedstab.nn.BatchNorm2d, fusedstab.nn.GroupNorm,
+                                        torch.nn.Flatten, fusedstab.nn.BatchNorm1d]
+    assert type(mha) is fusedstab.nn.MultiheadAttention
+    assert model[1].activation is None and repr(model) == repr(twin)
+    for _ in range(2):  # training steps: outputs and running statistics as torch's
+        x, s = torch.randn(2, 3, 4, 4), torch.randn(2, 5, 16)
+        torch.testing.assert_close(model(x), twin(x))
+        torch.testing.assert_close(mha(s, s, s, need_weights=False)[0], twin_mha(s, s, s, need_weights=False)[0])
+    for key, value in twin.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value)
