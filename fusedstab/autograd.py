@@ -346,7 +346,6 @@ class ScaledDotProductAttentionFunction(torch.autograd.Function):
         o, lse = _ops.attention_fwd(q, k, v, mask, is_causal, scale, dropout_p, seed, offset)
         ctx.backend = None if torch.compiler.is_compiling() else backend.get_backend()
         ctx.args = (is_causal, scale, dropout_p, seed, offset)
-        ctx.mask_shape = None if attn_mask is None else attn_mask.shape
         ctx.save_for_backward(q, k, v, o, lse, attn_mask)
         return o
 

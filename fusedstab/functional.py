@@ -420,13 +420,6 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
             return scaled_dot_product_attention(cast(query), cast(key), cast(value), cast(attn_mask), dropout_p,
                                                 is_causal, scale, enable_gqa)
     dropout_p = max(float(dropout_p), 0.0)
-    lead = torch.broadcast_shapes(*(t.shape[:-3] for t in (query, key, value)))
-    if query.dtype in (torch.float16, torch.bfloat16) and any(
-            t.requires_grad and tuple(t.shape[:-3]) != tuple(lead) for t in (query, key, value)):
-        # A gradient summed over broadcast batch dims would round each batch's part to fp16/bf16 and
-        # then the sum: run this (rare) case in fp32 and round once.
-        up = (t if t is None or not t.is_floating_point() else t.float() for t in (query, key, value, attn_mask))
-        return scaled_dot_product_attention(*up, dropout_p, is_causal, scale, enable_gqa).to(query.dtype)
     L, E, S, Ev = query.shape[-2], query.shape[-1], key.shape[-2], value.shape[-1]
     hq, hk, hv = (t.shape[-3] if t.dim() >= 3 else 1 for t in (query, key, value))
     if enable_gqa:  # torch's repeat_interleave of the key and value heads
@@ -436,10 +429,19 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         H = hq
     else:  # heads broadcast as any batch dim
         H = torch.broadcast_shapes((hq,), (hk,), (hv,))[0]
+    lead = torch.broadcast_shapes(*(t.shape[:-3] for t in (query, key, value)))
+    grouped = hk == hv and H % hk == 0  # the kernels' grouped-query attention: kv head h // (H // hk)
+    if query.dtype in (torch.float16, torch.bfloat16) and any(
+            t.requires_grad and (tuple(t.shape[:-3]) != tuple(lead) or broadcast_heads)
+            for t, broadcast_heads in ((query, hq != H), (key, not grouped), (value, not grouped))):
+        # A gradient summed over broadcast dims would round each part to fp16/bf16 and then the sum:
+        # run this (rare) case in fp32 and round once.
+        up = (t if t is None or not t.is_floating_point() else t.float() for t in (query, key, value, attn_mask))
+        return scaled_dot_product_attention(*up, dropout_p, is_causal, scale, enable_gqa).to(query.dtype)
     nd = max(t.dim() for t in (query, key, value))
     B = math.prod(lead)
     q = _to_bhld(query, lead, H, B)
-    if hk == hv and H % hk == 0:  # the kernels' grouped-query attention: kv head h // (H // hk)
+    if grouped:
         k, v = _to_bhld(key, lead, hk, B), _to_bhld(value, lead, hk, B)
     else:  # key and value heads differ: give each all H heads
         k, v = _to_bhld(_repeat_heads(key, H), lead, H, B), _to_bhld(_repeat_heads(value, H), lead, H, B)
