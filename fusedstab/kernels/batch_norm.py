@@ -84,12 +84,15 @@ def _czeros(CL: tl.constexpr, ACC_T: tl.constexpr, BLOCK_J: tl.constexpr):
 
 
 @triton.jit
-def _stats_kernel(X, PART, C, I, J, row_stride, n_t, n_tj, ACC_T: tl.constexpr, CL: tl.constexpr,
+def _stats_kernel(X, PART, C, I, J, row_stride, n_t, n_tj, x_nb, ACC_T: tl.constexpr, CL: tl.constexpr,
                   BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
-    """PART (4, SPLIT, C): this program's count, pivot, mean - pivot and M2 per channel. The pivot (the
-    mean of the program's first tile) centres the values: fp32 means of data offset far from 0 are off
-    by an ulp of the offset, which Chan's update would multiply into M2."""
+    """PART (NB, 4, SPLIT, C): this program's count, pivot, mean - pivot and M2 per channel. The pivot
+    (the mean of the program's first tile) centres the values: fp32 means of data offset far from 0 are
+    off by an ulp of the offset, which Chan's update would multiply into M2."""
     pc, split, SPLIT = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+    nb = tl.program_id(2).to(tl.int64)
+    X += nb * x_nb
+    PART += nb * 4 * SPLIT * C
     offs, mask = _tile(split, pc, I, J, row_stride, n_tj, CL, BLOCK_I, BLOCK_J)
     pivot = _csum(tl.load(X + offs, mask=mask, other=0.0).to(ACC_T), CL) / tl.maximum(_csum(mask.to(ACC_T), CL), 1.0)
     cnt = _czeros(CL, ACC_T, BLOCK_J)
@@ -129,11 +132,15 @@ def _affine_params(W, B, MEAN, RSTD, pc, C, HAS_W: tl.constexpr, HAS_B: tl.const
 
 
 @triton.jit
-def _elemt_kernel(X, W, B, Y, MEAN, RSTD, C, I, J, row_stride, n_t, n_tj, slope_a, slope_b, slope_c,
+def _elemt_kernel(X, W, B, Y, MEAN, RSTD, C, I, J, row_stride, n_t, n_tj, x_nb, p_nb, slope_a, slope_b, slope_c,
                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, ACC_T: tl.constexpr,
                   CL: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
     pc, split, SPLIT = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
-    mean, rstd, w, b = _affine_params(W, B, MEAN, RSTD, pc, C, HAS_W, HAS_B, ACC_T, CL, BLOCK_J)
+    nb = tl.program_id(2).to(tl.int64)
+    X += nb * x_nb
+    Y += nb * x_nb
+    mean, rstd, w, b = _affine_params(W, B, MEAN + nb * p_nb, RSTD + nb * p_nb, pc, C, HAS_W, HAS_B, ACC_T, CL,
+                                      BLOCK_J)
     scale = rstd * w
     slope = _slope(slope_a, slope_b, slope_c, ACC_T)
     for t in range(split, n_t, SPLIT):
@@ -153,12 +160,17 @@ def _bwd_load(DY, X, offs, mask, mean, rstd, w, b, slope, ACT: tl.constexpr, ACC
 
 
 @triton.jit
-def _bwd_reduce_kernel(DY, X, W, B, MEAN, RSTD, PART, C, I, J, row_stride, n_t, n_tj, slope_a, slope_b, slope_c,
+def _bwd_reduce_kernel(DY, X, W, B, MEAN, RSTD, PART, C, I, J, row_stride, n_t, n_tj, x_nb, p_nb, slope_a, slope_b, slope_c,
                        HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, ACC_T: tl.constexpr,
                        CL: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
-    """PART (2, SPLIT, C): this program's sum(dz) and sum(dz * xhat) per channel."""
+    """PART (NB, 2, SPLIT, C): this program's sum(dz) and sum(dz * xhat) per channel."""
     pc, split, SPLIT = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
-    mean, rstd, w, b = _affine_params(W, B, MEAN, RSTD, pc, C, HAS_W, HAS_B, ACC_T, CL, BLOCK_J)
+    nb = tl.program_id(2).to(tl.int64)
+    X += nb * x_nb
+    DY += nb * x_nb
+    PART += nb * 2 * SPLIT * C
+    mean, rstd, w, b = _affine_params(W, B, MEAN + nb * p_nb, RSTD + nb * p_nb, pc, C, HAS_W, HAS_B, ACC_T, CL,
+                                      BLOCK_J)
     slope = _slope(slope_a, slope_b, slope_c, ACC_T)
     sdz = tl.zeros((BLOCK_I, BLOCK_J), ACC_T)
     sdzx = tl.zeros((BLOCK_I, BLOCK_J), ACC_T)
@@ -172,75 +184,93 @@ def _bwd_reduce_kernel(DY, X, W, B, MEAN, RSTD, PART, C, I, J, row_stride, n_t, 
 
 
 @triton.jit
-def _bwd_elemt_kernel(DY, X, W, B, DX, MEAN, RSTD, COEF, C, I, J, row_stride, n_t, n_tj,
+def _bwd_elemt_kernel(DY, X, W, B, DX, MEAN, RSTD, COEF, C, I, J, row_stride, n_t, n_tj, x_nb, p_nb,
                       slope_a, slope_b, slope_c, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                       HAS_COEF: tl.constexpr, ACT: tl.constexpr, ACC_T: tl.constexpr,
                       CL: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
-    """dx; COEF (2, C) = (mean(dz), mean(dz * xhat)) over the batch (training), absent in eval."""
+    """dx = rstd * (w * dz - a - xhat * b); COEF (NB, 2, C) = (a, b) per channel (training: BatchNorm's
+    w * mean(dz), w * mean(dz * xhat)), absent in eval."""
     pc, split, SPLIT = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
-    mean, rstd, w, b = _affine_params(W, B, MEAN, RSTD, pc, C, HAS_W, HAS_B, ACC_T, CL, BLOCK_J)
-    scale = rstd * w
+    nb = tl.program_id(2).to(tl.int64)
+    X += nb * x_nb
+    DY += nb * x_nb
+    DX += nb * x_nb
+    mean, rstd, w, b = _affine_params(W, B, MEAN + nb * p_nb, RSTD + nb * p_nb, pc, C, HAS_W, HAS_B, ACC_T, CL,
+                                      BLOCK_J)
     if HAS_COEF:
-        mean_dz = _tile_bc(_cload(COEF, pc, C, CL, BLOCK_J), CL)
-        mean_dzx = _tile_bc(_cload(COEF + C, pc, C, CL, BLOCK_J), CL)
+        coef_a = _tile_bc(_cload(COEF + nb * 2 * p_nb, pc, C, CL, BLOCK_J), CL)
+        coef_b = _tile_bc(_cload(COEF + nb * 2 * p_nb + C, pc, C, CL, BLOCK_J), CL)
     slope = _slope(slope_a, slope_b, slope_c, ACC_T)
     for t in range(split, n_t, SPLIT):
         offs, mask = _tile(t, pc, I, J, row_stride, n_tj, CL, BLOCK_I, BLOCK_J)
         xhat, dz = _bwd_load(DY, X, offs, mask, mean, rstd, w, b, slope, ACT, ACC_T)
+        g = dz * w
         if HAS_COEF:
-            dz = dz - mean_dz - xhat * mean_dzx
-        tl.store(DX + offs, (dz * scale).to(DX.dtype.element_ty), mask=mask)
+            g = g - coef_a - xhat * coef_b
+        tl.store(DX + offs, (g * rstd).to(DX.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- launchers
-def _plan(x, cl: bool):
-    """Kernel geometry for x (N, C, S) in its layout: (geometry kwargs, grid)."""
+def _plan(x, cl: bool, per_sample: bool = False):
+    """Kernel geometry for x (N, C, S) in its layout: (geometry args, meta-parameters, grid). With
+    ``per_sample`` (channels-last only) each sample is reduced apart: grid axis 2 is the sample."""
     N, C, S = x.shape
+    nb, x_nb = (N, S * C) if per_sample else (1, 0)
     if cl:
-        I, J, row_stride = N * S, C, C
+        I, J, row_stride = (S if per_sample else N * S), C, C
         bj = block_width(C, 64)
         bi = max(2, min(triton.next_power_of_2(I), TILE // bj))
         n_cols, n_tj, n_t = triton.cdiv(C, bj), 1, triton.cdiv(I, bi)
     else:
+        assert not per_sample
         I, J, row_stride = N, S, C * S
         bj = block_width(S, 1024, min(triton.next_power_of_2(S), 128))  # runs of >= 128 elements: whole sectors
         bi = max(2, min(triton.next_power_of_2(N), TILE // bj))
         n_cols, n_tj = C, triton.cdiv(S, bj)
         n_t = triton.cdiv(N, bi) * n_tj
-    split = max(1, min(n_t, triton.cdiv(target_programs(x.device, 8), n_cols)))
-    geo = dict(I=I, J=J, row_stride=row_stride, n_t=n_t, n_tj=n_tj)
-    return geo, dict(CL=cl, BLOCK_I=bi, BLOCK_J=bj, num_warps=4), (n_cols, split)
+    split = max(1, min(n_t, triton.cdiv(target_programs(x.device, 8), n_cols * nb)))
+    geo = (I, J, row_stride, n_t, n_tj, x_nb)
+    return geo, dict(CL=cl, BLOCK_I=bi, BLOCK_J=bj, num_warps=4), (n_cols, split, nb)
 
 
-def stats(x, cl, acc):
-    """Per-program (count, pivot, mean - pivot, M2) per channel: (4, SPLIT, C) in ``acc``."""
-    geo, meta, grid = _plan(x, cl)
-    part = x.new_empty((4, grid[1], x.shape[1]), dtype=acc)
-    _stats_kernel[grid](x, part, x.shape[1], *geo.values(), ACC_T=_ACC[acc], **meta)
+def stats(x, cl, acc, per_sample=False):
+    """Per-program (count, pivot, mean - pivot, M2) per channel: (NB, 4, SPLIT, C) in ``acc`` (NB = N
+    per sample, else 1)."""
+    geo, meta, grid = _plan(x, cl, per_sample)
+    part = x.new_empty((grid[2], 4, grid[1], x.shape[1]), dtype=acc)
+    _stats_kernel[grid](x, part, x.shape[1], *geo, ACC_T=_ACC[acc], **meta)
     return part
 
 
-def _common(x, w, b, act, slope, acc):
+def _flags(w, b, act, slope, acc):
     return dict(HAS_W=w is not None, HAS_B=b is not None, ACT=ACTIVATIONS[act], ACC_T=_ACC[acc]), split_slope(slope)
 
 
-def elemt(x, w, b, y, mean, rstd, act, slope, cl):
-    geo, meta, grid = _plan(x, cl)
-    flags, slopes = _common(x, w, b, act, slope, mean.dtype)
-    _elemt_kernel[grid](x, w, b, y, mean, rstd, x.shape[1], *geo.values(), *slopes, **flags, **meta)
+def _p_nb(x, per_sample):
+    return x.shape[1] if per_sample else 0  # per-sample statistics are (N, C)
 
 
-def bwd_reduce(dy, x, w, b, mean, rstd, act, slope, cl):
-    """Per-program sum(dz) and sum(dz * xhat) per channel: (2, SPLIT, C)."""
-    geo, meta, grid = _plan(x, cl)
-    flags, slopes = _common(x, w, b, act, slope, mean.dtype)
-    part = x.new_empty((2, grid[1], x.shape[1]), dtype=mean.dtype)
-    _bwd_reduce_kernel[grid](dy, x, w, b, mean, rstd, part, x.shape[1], *geo.values(), *slopes, **flags, **meta)
+def elemt(x, w, b, y, mean, rstd, act, slope, cl, per_sample=False):
+    """y from x; mean and rstd (C,), or (N, C) per sample."""
+    geo, meta, grid = _plan(x, cl, per_sample)
+    flags, slopes = _flags(w, b, act, slope, mean.dtype)
+    _elemt_kernel[grid](x, w, b, y, mean, rstd, x.shape[1], *geo, _p_nb(x, per_sample), *slopes, **flags,
+                        **meta)
+
+
+def bwd_reduce(dy, x, w, b, mean, rstd, act, slope, cl, per_sample=False):
+    """Per-program sum(dz) and sum(dz * xhat) per channel: (NB, 2, SPLIT, C)."""
+    geo, meta, grid = _plan(x, cl, per_sample)
+    flags, slopes = _flags(w, b, act, slope, mean.dtype)
+    part = x.new_empty((grid[2], 2, grid[1], x.shape[1]), dtype=mean.dtype)
+    _bwd_reduce_kernel[grid](dy, x, w, b, mean, rstd, part, x.shape[1], *geo, _p_nb(x, per_sample), *slopes,
+                             **flags, **meta)
     return part
 
 
-def bwd_elemt(dy, x, w, b, dx, mean, rstd, coef, act, slope, cl):
-    geo, meta, grid = _plan(x, cl)
-    flags, slopes = _common(x, w, b, act, slope, mean.dtype)
-    _bwd_elemt_kernel[grid](dy, x, w, b, dx, mean, rstd, coef, x.shape[1], *geo.values(), *slopes,
-                            HAS_COEF=coef is not None, **flags, **meta)
+def bwd_elemt(dy, x, w, b, dx, mean, rstd, coef, act, slope, cl, per_sample=False):
+    """dx; coef (2, C), or (N, 2, C) per sample, or None (see _bwd_elemt_kernel)."""
+    geo, meta, grid = _plan(x, cl, per_sample)
+    flags, slopes = _flags(w, b, act, slope, mean.dtype)
+    _bwd_elemt_kernel[grid](dy, x, w, b, dx, mean, rstd, coef, x.shape[1], *geo, _p_nb(x, per_sample),
+                            *slopes, HAS_COEF=coef is not None, **flags, **meta)

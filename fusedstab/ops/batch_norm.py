@@ -97,13 +97,15 @@ def _triton_ok(*args) -> str | None:
     return None
 
 
+def channels_inner(x: Tensor) -> bool:
+    """x (N, C, S) dense with the channels innermost: channels-last, or (N, C) input as (N, C, 1)."""
+    return x.transpose(1, 2).is_contiguous() and (x.shape[2] == 1 or not x.is_contiguous())
+
+
 def _layout(x: Tensor) -> tuple[Tensor, bool]:
     """(x dense, channels-last?): NCHW and channels-last are read in place; (N, C, 1) reads as rows of C."""
-    if x.is_contiguous():
-        return x, x.shape[2] == 1
-    if x.transpose(1, 2).is_contiguous():
-        return x, True
-    return x.contiguous(), x.shape[2] == 1
+    xk = x if channels_inner(x) or x.is_contiguous() else x.contiguous()
+    return xk, channels_inner(xk)
 
 
 def _as(t: Tensor, ref: Tensor) -> Tensor:
@@ -130,7 +132,7 @@ def _stats_triton(x):
     if not x.numel():
         return _per_channel(x, 3).zero_()
     xk, cl = _layout(x)
-    count, pivot, mean, m2 = K.stats(xk, cl, acc).double()  # float64: the pivots make the means exact
+    count, pivot, mean, m2 = K.stats(xk, cl, acc)[0].double()  # float64: the pivots make the means exact
     return torch.stack(reference.chan_combine(count, pivot + mean, m2, dim=0)).to(acc)  # a fixed order
 
 
@@ -152,7 +154,7 @@ def _bwd_reduce_triton(dy, x, weight, bias, mean, rstd, act, slope):
     xk, cl = _layout(x)
     part = K.bwd_reduce(_as(dy, xk), xk, _dense(weight), _dense(bias), mean.contiguous(), rstd.contiguous(), act,
                         slope, cl)
-    return part.sum(1)  # (2, SPLIT, C): programs in a fixed order
+    return part[0].sum(1)  # (2, SPLIT, C): programs in a fixed order
 
 
 def _bwd_elemt_triton(dy, x, weight, bias, mean, rstd, coef, act, slope):
@@ -161,7 +163,8 @@ def _bwd_elemt_triton(dy, x, weight, bias, mean, rstd, coef, act, slope):
     if not x.numel():
         return torch.empty_like(x)
     xk, cl = _layout(x)
-    coef = None if coef is None else coef.to(mean.dtype).contiguous()
+    if coef is not None:  # the kernel takes (w * mean(dz), w * mean(dz * xhat))
+        coef = coef.to(mean.dtype) * (1.0 if weight is None else weight.to(mean.dtype))
     return _out(x, xk, lambda dx: K.bwd_elemt(_as(dy, xk), xk, _dense(weight), _dense(bias), dx, mean.contiguous(),
                                               rstd.contiguous(), coef, act, slope, cl))
 

@@ -9,6 +9,9 @@ and channels_last are both views); y and dx are ``empty_like(x)`` (the same stri
 mean and rstd are (N, G) in the accumulation dtype. ``activation`` is "none", "relu", "leaky_relu"
 (with ``slope``) or "silu", applied to weight * xhat + bias; backward recomputes its input from x.
 dweight / dbias come back in the accumulation dtype, empty when weight / bias is None.
+On the triton backend dense channels-last input runs on the BatchNorm kernels (whole rows of C read
+per sample, per-(sample, channel) statistics combined into groups here), any other layout on the
+per-group kernels of fusedstab.kernels.group_norm.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import backend, reference
+from . import batch_norm
 from ..reference import acc_dtype
 
 _EMPTY = (0,)
@@ -100,11 +104,48 @@ def _dense(p: Optional[Tensor]) -> Optional[Tensor]:
     return None if p is None else p.contiguous()
 
 
+def _fwd_channels_inner(x, weight, bias, G, eps, act, slope):
+    """Channels-last: the BatchNorm kernels read whole rows of C (a group's C/G channels alone would be
+    runs of a few bytes) and give per-(sample, channel) statistics, combined into groups here."""
+    from ..kernels import batch_norm as KB
+
+    N, C, S = x.shape
+    acc = acc_dtype(x.dtype)
+    count, pivot, pmean, pm2 = KB.stats(x, True, acc, per_sample=True).double().unbind(1)  # (N, SPLIT, C)
+    count, mean, m2 = reference.chan_combine(count, pivot + pmean, pm2, dim=1)  # (N, C), float64
+    count, mean, m2 = reference.chan_combine(*(t.view(N, G, C // G) for t in (count, mean, m2)), dim=2)
+    mean, rstd = mean.to(acc), torch.rsqrt(m2 / count + eps).to(acc)
+    y = torch.empty_like(x)
+    KB.elemt(x, _dense(weight), _dense(bias), y, *(t.repeat_interleave(C // G, 1) for t in (mean, rstd)), act,
+             slope, True, per_sample=True)
+    return y, mean, rstd
+
+
+def _bwd_channels_inner(dy, x, weight, bias, mean, rstd, G, act, slope):
+    """Backward of _fwd_channels_inner: per-(sample, channel) sum(dz) and sum(dz * xhat) give dbias,
+    dweight and the group means of gw = dz * w and gw * xhat for dx."""
+    from ..kernels import batch_norm as KB
+
+    N, C, S = x.shape
+    w, b = _dense(weight), _dense(bias)
+    mean_c, rstd_c = (t.contiguous().repeat_interleave(C // G, 1) for t in (mean, rstd))
+    dy = batch_norm._as(dy, x)
+    sdz, sdzx = KB.bwd_reduce(dy, x, w, b, mean_c, rstd_c, act, slope, True, per_sample=True).sum(2).unbind(1)
+    wv = 1.0 if weight is None else weight.to(mean.dtype)
+    coef = torch.stack([(t * wv).view(N, G, -1).sum(2).div(C // G * S).repeat_interleave(C // G, 1)
+                        for t in (sdz, sdzx)], 1)  # (N, 2, C): group means of gw and gw * xhat
+    dx = torch.empty_like(x)
+    KB.bwd_elemt(dy, x, w, b, dx, mean_c, rstd_c, coef, act, slope, True, per_sample=True)
+    return dx, sdzx.sum(0), sdz.sum(0)
+
+
 def _fwd_triton(x, weight, bias, G, eps, act, slope):
     from ..kernels import group_norm as K
 
     if not x.numel():
         return _empty_fwd(x, G)
+    if batch_norm.channels_inner(x):
+        return _fwd_channels_inner(x, weight, bias, G, eps, act, slope)
     N = x.shape[0]
     acc = acc_dtype(x.dtype)
     count, pivot, pmean, pm2 = K.fwd_stats(x, G).double().unbind(-1)  # per program, (N*G, SPLIT)
@@ -122,6 +163,9 @@ def _bwd_triton(dy, x, weight, bias, mean, rstd, G, act, slope):
     dx, dw, db = _bwd_outputs(x, weight, bias, mean.dtype)
     if not x.numel():
         return dx, dw.zero_(), db.zero_()
+    if batch_norm.channels_inner(x):
+        gx, gw, gb = _bwd_channels_inner(dy, x, weight, bias, mean, rstd, G, act, slope)
+        return gx, (dw if weight is None else dw.copy_(gw)), (db if bias is None else db.copy_(gb))
     w, b = _dense(weight), _dense(bias)
     mean, rstd = mean.contiguous(), rstd.contiguous()
     gpart, cpart = K.bwd_reduce(dy, x, w, b, mean, rstd, G, act, slope)
