@@ -299,9 +299,9 @@ def _check_batch_norm(input, running_mean, running_var, weight, bias, training, 
 def _update_running(running_mean: Tensor, running_var: Tensor, stats: Tensor, momentum: float) -> None:
     """running = (1 - momentum) * running + momentum * batch statistic, the variance unbiased."""
     count, mean, m2 = stats
-    with torch.no_grad():
+    with torch.no_grad():  # in the statistics' dtype, one rounding into the buffer
         for r, batch in ((running_mean, mean), (running_var, m2 / (count - 1))):
-            r.copy_(r.to(batch.dtype) * (1 - momentum) + batch * momentum)
+            r.copy_(torch.lerp(r.to(batch.dtype), batch, momentum))
 
 
 def _flat(p: Optional[Tensor]) -> Optional[Tensor]:

@@ -117,6 +117,32 @@ def _stats_kernel(X, PART, C, I, J, row_stride, n_t, n_tj, x_nb, ACC_T: tl.const
 
 
 @triton.jit
+def _combine_kernel(PART, OUT, C, SPLIT, BLOCK: tl.constexpr):
+    """OUT (3, C): count, mean and M2 per channel from PART (4, SPLIT, C) (per program: count, pivot,
+    mean - pivot, M2), combined by Chan's update in float64 (the pivots make the means exact), in
+    program order: deterministic, and one launch instead of a dozen small torch ops."""
+    ch = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cm = ch < C
+    cnt = tl.zeros([BLOCK], tl.float64)
+    mean = tl.zeros([BLOCK], tl.float64)
+    m2 = tl.zeros([BLOCK], tl.float64)
+    for k in range(0, SPLIT):
+        c = tl.load(PART + k * C + ch, mask=cm, other=0.0).to(tl.float64)
+        mk = tl.load(PART + (SPLIT + k) * C + ch, mask=cm, other=0.0).to(tl.float64) + \
+            tl.load(PART + (2 * SPLIT + k) * C + ch, mask=cm, other=0.0).to(tl.float64)
+        tot = cnt + c
+        delta = mk - mean
+        frac = c / tl.maximum(tot, 1.0)
+        mean += delta * frac
+        m2 += tl.load(PART + (3 * SPLIT + k) * C + ch, mask=cm, other=0.0).to(tl.float64) + delta * delta * cnt * frac
+        cnt = tot
+    out_t = OUT.dtype.element_ty
+    tl.store(OUT + ch, cnt.to(out_t), mask=cm)
+    tl.store(OUT + C + ch, mean.to(out_t), mask=cm)
+    tl.store(OUT + 2 * C + ch, m2.to(out_t), mask=cm)
+
+
+@triton.jit
 def _affine_params(W, B, MEAN, RSTD, pc, C, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC_T: tl.constexpr,
                    CL: tl.constexpr, BLOCK_J: tl.constexpr):
     """Per channel (mean, rstd, w, b) broadcastable over a tile; w = 1, b = 0 when absent."""
@@ -240,6 +266,14 @@ def stats(x, cl, acc, per_sample=False):
     part = x.new_empty((grid[2], 4, grid[1], x.shape[1]), dtype=acc)
     _stats_kernel[grid](x, part, x.shape[1], *geo, ACC_T=_ACC[acc], **meta)
     return part
+
+
+def combine(part, acc):
+    """(3, C) count, mean, M2 in ``acc`` from one sample's (4, SPLIT, C) partials of ``stats``."""
+    _, split, C = part.shape
+    out = part.new_empty((3, C), dtype=acc)
+    _combine_kernel[(triton.cdiv(C, 256),)](part, out, C, split, BLOCK=256, num_warps=4)
+    return out
 
 
 def _flags(w, b, act, slope, acc):

@@ -34,7 +34,7 @@ def _tile(n, g, ct, st, Cg, S, sn, sc, ss, BLOCK_C: tl.constexpr, BLOCK_S: tl.co
 @triton.jit
 def _fwd_stats_kernel(X, PART, G, Cg, S, sn, sc, ss, n_ct, n_st, ACC_T: tl.constexpr,
                       BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """PART (N*G, SPLIT, 4): this program's (count, pivot, mean - pivot, sum of squared deviations),
+    """PART (4, SPLIT, N*G): this program's (count, pivot, mean - pivot, sum of squared deviations),
     its tiles combined as Chan et al. do on values centred by the pivot (the mean of its first tile:
     fp32 means of data offset far from 0 are off by an ulp of the offset, which Chan's update would
     multiply into M2)."""
@@ -59,11 +59,12 @@ def _fwd_stats_kernel(X, PART, G, Cg, S, sn, sc, ss, n_ct, n_st, ACC_T: tl.const
             mean += delta * frac
             m2 += tl.sum(tl.sum(d * d, axis=1), axis=0) + delta * delta * cnt * frac
             cnt = tot
-    out = PART + (ng.to(tl.int64) * SPLIT + split) * 4 + tl.arange(0, 1)
+    NG = tl.num_programs(0)
+    out = PART + split * NG + ng + tl.arange(0, 1)
     tl.store(out, cnt)
-    tl.store(out + 1, pivot + tl.zeros([1], ACC_T))
-    tl.store(out + 2, mean)
-    tl.store(out + 3, m2)
+    tl.store(out + SPLIT * NG, pivot + tl.zeros([1], ACC_T))
+    tl.store(out + 2 * SPLIT * NG, mean)
+    tl.store(out + 3 * SPLIT * NG, m2)
 
 
 @triton.jit
@@ -185,10 +186,10 @@ def _plan(x, G):
 
 
 def fwd_stats(x, G):
-    """Per-program (count, pivot, mean - pivot, M2): (N*G, SPLIT, 4)."""
+    """Per-program (count, pivot, mean - pivot, M2): (4, SPLIT, N*G)."""
     p, grid = _plan(x, G)
     acc = _acc(x.dtype)
-    part = x.new_empty((grid[0], grid[1], 4), dtype=acc)
+    part = x.new_empty((4, grid[1], grid[0]), dtype=acc)
     _fwd_stats_kernel[grid](x, part, G, p["Cg"], p["S"], *x.stride(), p["n_ct"], p["n_st"], ACC_T=_ACC[acc],
                             BLOCK_C=p["BLOCK_C"], BLOCK_S=p["BLOCK_S"], num_warps=4)
     return part

@@ -132,8 +132,7 @@ def _stats_triton(x):
     if not x.numel():
         return _per_channel(x, 3).zero_()
     xk, cl = _layout(x)
-    count, pivot, mean, m2 = K.stats(xk, cl, acc)[0].double()  # float64: the pivots make the means exact
-    return torch.stack(reference.chan_combine(count, pivot + mean, m2, dim=0)).to(acc)  # a fixed order
+    return K.combine(K.stats(xk, cl, acc)[0], acc)
 
 
 def _elemt_triton(x, weight, bias, mean, rstd, act, slope):

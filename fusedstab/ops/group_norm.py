@@ -140,6 +140,7 @@ def _bwd_channels_inner(dy, x, weight, bias, mean, rstd, G, act, slope):
 
 
 def _fwd_triton(x, weight, bias, G, eps, act, slope):
+    from ..kernels import batch_norm as KB
     from ..kernels import group_norm as K
 
     if not x.numel():
@@ -147,11 +148,9 @@ def _fwd_triton(x, weight, bias, G, eps, act, slope):
     if batch_norm.channels_inner(x):
         return _fwd_channels_inner(x, weight, bias, G, eps, act, slope)
     N = x.shape[0]
-    acc = acc_dtype(x.dtype)
-    count, pivot, pmean, pm2 = K.fwd_stats(x, G).double().unbind(-1)  # per program, (N*G, SPLIT)
-    count, mean, m2 = reference.chan_combine(count, pivot + pmean, pm2, dim=1)  # float64, a fixed order
-    rstd = torch.rsqrt(m2 / count + eps).to(acc).view(N, G)
-    mean = mean.to(acc).view(N, G)
+    count, mean, m2 = KB.combine(K.fwd_stats(x, G), acc_dtype(x.dtype))  # per group, (N*G,) each
+    rstd = torch.rsqrt(m2 / count + eps).view(N, G)
+    mean = mean.view(N, G).clone()  # its own storage, as the fake promises
     y = torch.empty_like(x)
     K.fwd_norm(x, _dense(weight), _dense(bias), y, mean, rstd, G, act, slope)
     return y, mean, rstd
