@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .. import backend, reference
 from . import batch_norm
+from .batch_norm import _dense
 from ..reference import acc_dtype
 
 _EMPTY = (0,)
@@ -98,10 +99,6 @@ def _triton_ok(*args) -> str | None:
         if isinstance(t, Tensor) and t.dtype not in _FLOATS:
             return f"dtype {t.dtype} is not supported by the triton kernels"
     return None
-
-
-def _dense(p: Optional[Tensor]) -> Optional[Tensor]:
-    return None if p is None else p.contiguous()
 
 
 def _fwd_channels_inner(x, weight, bias, G, eps, act, slope):
