@@ -18,6 +18,8 @@ BLOCK = 2048   # elements per loop step inside a chunk
 
 # Reductions (constexpr REDUCE): sum |x|^p (general p), sum x^2, sum |x|, max |x|, min |x|, count x != 0.
 POW, SQUARE, ABS, MAX, MIN, NONZERO = range(6)
+# The same as constexprs, for the kernels: a jit function can read no other global (triton raises).
+_POW, _SQUARE, _ABS, _MAX, _MIN, _NONZERO = (tl.constexpr(v) for v in range(6))
 
 _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
        torch.float64: tl.float64}
@@ -44,9 +46,9 @@ def _chunk_ptr(ADDR, START, c, DTYPE: tl.constexpr):
 
 @triton.jit
 def _combine(acc, v, REDUCE: tl.constexpr):
-    if REDUCE == MAX:
+    if REDUCE == _MAX:
         return tl.maximum(acc, v)
-    elif REDUCE == MIN:
+    elif REDUCE == _MIN:
         return tl.minimum(acc, v)
     else:
         return acc + v
@@ -55,9 +57,9 @@ def _combine(acc, v, REDUCE: tl.constexpr):
 @triton.jit
 def _finish(acc, nan, REDUCE: tl.constexpr):
     """Reduce a block to a scalar; max/min return NaN when any element was NaN, as torch does."""
-    if REDUCE == MAX:
+    if REDUCE == _MAX:
         return tl.where(tl.max(nan, axis=0) > 0, float("nan"), tl.max(acc, axis=0))
-    elif REDUCE == MIN:
+    elif REDUCE == _MIN:
         return tl.where(tl.max(nan, axis=0) > 0, float("nan"), tl.min(acc, axis=0))
     else:
         return tl.sum(acc, axis=0)
@@ -70,7 +72,7 @@ def _norm_chunks_kernel(ADDR, START, LEN, PARTIAL, p_hi, p_lo, DTYPE: tl.constex
     ptr = _chunk_ptr(ADDR, START, c, DTYPE)
     n = tl.load(LEN + c)
     p = tl.cast(p_hi, ACC_T) + tl.cast(p_lo, ACC_T)  # float arguments arrive as fp32: p in two parts for fp64
-    if REDUCE == MIN:
+    if REDUCE == _MIN:
         acc = tl.full([BLOCK], float("inf"), ACC_T)
     else:
         acc = tl.zeros([BLOCK], ACC_T)
@@ -79,19 +81,19 @@ def _norm_chunks_kernel(ADDR, START, LEN, PARTIAL, p_hi, p_lo, DTYPE: tl.constex
         o = s + tl.arange(0, BLOCK)
         m = o < n
         a = tl.abs(tl.load(ptr + o, mask=m, other=0.0).to(ACC_T))
-        if REDUCE == SQUARE:
+        if REDUCE == _SQUARE:
             v = a * a
-        elif REDUCE == ABS:
+        elif REDUCE == _ABS:
             v = a
-        elif REDUCE == NONZERO:
+        elif REDUCE == _NONZERO:
             v = (a != 0).to(ACC_T)
-        elif REDUCE == POW:
+        elif REDUCE == _POW:
             v = tl.where(m, tl.exp2(p * tl.log2(a)), 0.0)  # |x|^p; 0^p = 0 (p > 0) or inf (p < 0)
-        elif REDUCE == MIN:
+        elif REDUCE == _MIN:
             v = tl.where(m, a, float("inf"))
         else:
             v = a
-        if REDUCE == MAX or REDUCE == MIN:
+        if REDUCE == _MAX or REDUCE == _MIN:
             nan = tl.maximum(nan, (a != a).to(tl.int32))
         acc = _combine(acc, v, REDUCE)
     tl.store(PARTIAL + c, _finish(acc, nan, REDUCE))
@@ -103,18 +105,18 @@ def _per_tensor_kernel(PARTIAL, OFFSETS, OUT, REDUCE: tl.constexpr, BLOCK: tl.co
     t = tl.program_id(0)
     lo = tl.load(OFFSETS + t)
     hi = tl.load(OFFSETS + t + 1)
-    if REDUCE == MIN:
+    if REDUCE == _MIN:
         acc = tl.full([BLOCK], float("inf"), PARTIAL.dtype.element_ty)
     else:
         acc = tl.zeros([BLOCK], PARTIAL.dtype.element_ty)
     nan = tl.zeros([BLOCK], tl.int32)
     for s in range(lo, hi, BLOCK):
         o = s + tl.arange(0, BLOCK)
-        if REDUCE == MIN:
+        if REDUCE == _MIN:
             v = tl.load(PARTIAL + o, mask=o < hi, other=float("inf"))
         else:
             v = tl.load(PARTIAL + o, mask=o < hi, other=0.0)
-        if REDUCE == MAX or REDUCE == MIN:
+        if REDUCE == _MAX or REDUCE == _MIN:
             nan = tl.maximum(nan, (v != v).to(tl.int32))
         acc = _combine(acc, v, REDUCE)
     tl.store(OUT + t, _finish(acc, nan, REDUCE))
