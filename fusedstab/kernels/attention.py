@@ -412,6 +412,9 @@ def _attn_bwd_dq_kernel(Q, K, V, MASK, DO, LSE, DELTA, DQ, DMASK,
                                  seed, offset, CAUSAL, MASK_KIND, True, DROPOUT, False, True, SPLIT,
                                  INPUT_PRECISION, ACC_T, BLOCK_N, BLOCK_E, BLOCK_EV)
         tl.store(DELTA + bh * L + offs_m, delta.to(DELTA.dtype.element_ty), mask=rmask)
+        # lse2 loaded again: triton 3.6's layout clean-up otherwise reuses a conversion of lse2 made in
+        # the loops above and fails ("operand does not dominate this use") at 128 x 32, 4 warps.
+        lse2 = _lse2(LSE + bh * L, offs_m, L)
     else:
         delta = tl.load(DELTA + bh * L + offs_m, mask=rmask, other=0.0).to(ACC_T)
     for n0 in range(0, full_end, BLOCK_N):
