@@ -213,3 +213,67 @@ def act_fn(y, activation, slope=0.01):
 def act_grad_bound(activation, slope=0.01) -> float:
     """max |d act / dz| (silu's derivative peaks at ~1.0998)."""
     return {None: 1.0, "relu": 1.0, "leaky_relu": max(1.0, abs(slope)), "silu": 1.1}[activation]
+
+
+# ----------------------------------------------------------------------------- 2-process gloo tests
+def gloo_backends() -> list:
+    """The fusedstab backends a CPU worker can run: triton only through the interpreter."""
+    from fusedstab import backend
+
+    return ["triton", "torch"] if backend.triton_interpret() else ["torch"]
+
+
+def init_gloo(rank: int, init_file: str, world: int) -> None:
+    import datetime
+    import os
+    import sys
+
+    import torch.distributed as dist
+
+    # loopback only: gloo picks the hostname's interface otherwise, which hangs in some sandboxes
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo" if sys.platform.startswith("linux") else "lo0")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+
+
+def recorder(res: dict):
+    """``record(key, fn)``: res[key] = fn(), or the error it raised (every case is recorded; the test
+    decides)."""
+    import traceback
+
+    def record(key, fn):
+        try:
+            res[key] = fn()
+        except Exception as e:
+            res[key] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+
+    return record
+
+
+def run_gloo_workers(worker, tmp, world: int, timeout_s: float) -> dict:
+    """Spawn ``worker(rank, init_file, out_dir, backends)`` on ``world`` ranks (each saves its results
+    to out_dir/rank{r}.pt) and return {rank: results}; fail past ``timeout_s``."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    start = time.time()
+    ctx = mp.start_processes(worker, args=(str(tmp / "store"), str(tmp), gloo_backends()), nprocs=world,
+                             join=False, start_method="spawn")
+    try:
+        while not ctx.join(timeout=5):
+            if time.time() - start > timeout_s:
+                pytest.fail(f"the {world} gloo workers did not finish in {timeout_s} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+    return {r: torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)}
+
+
+def rank_result(results: dict, rank: int, key):
+    """One recorded result, failing the test with the worker's traceback where it raised."""
+    v = results[rank][key]
+    if isinstance(v, dict) and "error" in v:
+        pytest.fail(f"rank {rank} {key}: {v['error']}\n{v['traceback']}")
+    return v

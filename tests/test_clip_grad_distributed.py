@@ -12,11 +12,7 @@ calls and save their results; the tests only compare. A NaN on one rank must rea
 """
 from __future__ import annotations
 
-import datetime
 import os
-import sys
-import time
-import traceback
 
 import pytest
 import torch
@@ -26,19 +22,13 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
-import torch.multiprocessing as mp  # noqa: E402
-
-from fusedstab import backend as fs_backend  # noqa: E402
+from helpers import gloo_backends, init_gloo, rank_result, recorder, run_gloo_workers  # noqa: E402
 
 WORLD = 2
 INF = float("inf")
 NORMS = [2.0, 1.0, INF, -INF, 0.0, 0.5, 3.0]
 MAX_NORM = 0.5
 TIMEOUT_S = 150  # the whole spawn: far above its usual ~15 s, far below a hung CI job
-
-
-def _backends():
-    return ["triton", "torch"] if fs_backend.triton_interpret() else ["torch"]
 
 
 def full_grads() -> list[torch.Tensor]:
@@ -70,21 +60,14 @@ def _params(shards):
 
 
 def _worker(rank: int, init_file: str, out_dir: str, backends: list[str]) -> None:
-    # loopback only: gloo picks the hostname's interface otherwise, which hangs in some sandboxes
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo" if sys.platform.startswith("linux") else "lo0")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
+    init_gloo(rank, init_file, WORLD)
     import fusedstab
     from fusedstab import utils as FU
 
     group = dist.group.WORLD
     res: dict = {}
 
-    def record(key, fn):
-        try:
-            res[key] = fn()
-        except Exception as e:  # every case is recorded; the test decides
-            res[key] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+    record = recorder(res)
 
     full = full_grads()
     for backend in backends:
@@ -179,27 +162,7 @@ def _worker(rank: int, init_file: str, out_dir: str, backends: list[str]) -> Non
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     """Run the workers once; {rank: results}."""
-    tmp = tmp_path_factory.mktemp("dist")
-    init_file = str(tmp / "store")
-    start = time.time()
-    ctx = mp.start_processes(_worker, args=(init_file, str(tmp), _backends()), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    try:
-        while not ctx.join(timeout=5):
-            if time.time() - start > TIMEOUT_S:
-                pytest.fail(f"the {WORLD} gloo workers did not finish in {TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-    return {r: torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)}
-
-
-def _get(results, rank, key):
-    v = results[rank][key]
-    if isinstance(v, dict) and "error" in v:
-        pytest.fail(f"rank {rank} {key}: {v['error']}\n{v['traceback']}")
-    return v
+    return run_gloo_workers(_worker, tmp_path_factory.mktemp("dist"), WORLD, TIMEOUT_S)
 
 
 def _truth(p, clip=True):
@@ -229,10 +192,10 @@ def _check_total(total, total_t, total64, what):
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("norm_type", NORMS, ids=str)
 def test_sharded_global_norm(results, backend, norm_type):
-    if backend not in _backends():
+    if backend not in gloo_backends():
         pytest.skip("triton backend on CPU tensors needs TRITON_INTERPRET=1")
     total_t, total64, _, _ = _truth(norm_type)
-    r0, r1 = (_get(results, r, (backend, "norm", norm_type)) for r in range(WORLD))
+    r0, r1 = (rank_result(results, r, (backend, "norm", norm_type)) for r in range(WORLD))
     for r, out in enumerate((r0, r1)):
         _check_total(out["total"], total_t, total64, f"rank {r} get_total_norm")
         assert torch.equal(out["total"], out["total_plain"]), "return_per_tensor changed the total"
@@ -248,10 +211,10 @@ def test_sharded_global_norm(results, backend, norm_type):
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("norm_type", NORMS, ids=str)
 def test_sharded_clip(results, backend, norm_type):
-    if backend not in _backends():
+    if backend not in gloo_backends():
         pytest.skip("triton backend on CPU tensors needs TRITON_INTERPRET=1")
     total_t, total64, clipped_t, clipped64 = _truth(norm_type)
-    outs = [_get(results, r, (backend, "clip", norm_type)) for r in range(WORLD)]
+    outs = [rank_result(results, r, (backend, "clip", norm_type)) for r in range(WORLD)]
     for r, out in enumerate(outs):
         _check_total(out["total"], total_t, total64, f"rank {r} clip_grad_norm_")
     for i, (t, t64) in enumerate(zip(clipped_t, clipped64)):
@@ -263,10 +226,10 @@ def test_sharded_clip(results, backend, norm_type):
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_sharded_nan_on_one_rank(results, backend):
-    if backend not in _backends():
+    if backend not in gloo_backends():
         pytest.skip("triton backend on CPU tensors needs TRITON_INTERPRET=1")
     for r in range(WORLD):
-        out = _get(results, r, (backend, "nan"))
+        out = rank_result(results, r, (backend, "nan"))
         assert out["raised"] is not None and "non-finite" in out["raised"], \
             f"rank {r}: error_if_nonfinite did not raise for a NaN on rank 1"
         assert torch.isnan(out["skip_total"]), f"rank {r}: total {out['skip_total']}"
@@ -277,12 +240,12 @@ def test_sharded_nan_on_one_rank(results, backend):
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("norm_type", [2.0, INF, 1.0], ids=str)
 def test_dtensor_shard0(results, backend, norm_type):
-    if backend not in _backends():
+    if backend not in gloo_backends():
         pytest.skip("triton backend on CPU tensors needs TRITON_INTERPRET=1")
     if "dtensor_unavailable" in results[0]:
         pytest.skip(f"DTensor on a CPU gloo mesh does not work here: {results[0]['dtensor_unavailable']}")
     total_t, total64, clipped_t, clipped64 = _truth(norm_type)
-    outs = [_get(results, r, (backend, "dtensor", norm_type)) for r in range(WORLD)]
+    outs = [rank_result(results, r, (backend, "dtensor", norm_type)) for r in range(WORLD)]
     for r, out in enumerate(outs):
         _check_total(out["norm"], total_t, total64, f"rank {r} get_total_norm(DTensor)")
         _check_total(out["total"], total_t, total64, f"rank {r} clip_grad_norm_(DTensor)")
@@ -295,12 +258,12 @@ def test_dtensor_shard0(results, backend, norm_type):
 def test_dtensor_replicated_is_right_or_refused(results, backend):
     """Replicated DTensor grads (no shards): the plain norm, or a clear NotImplementedError, never a
     norm counted once per rank."""
-    if backend not in _backends():
+    if backend not in gloo_backends():
         pytest.skip("triton backend on CPU tensors needs TRITON_INTERPRET=1")
     if "dtensor_unavailable" in results[0]:
         pytest.skip(f"DTensor on a CPU gloo mesh does not work here: {results[0]['dtensor_unavailable']}")
     for r in range(WORLD):
-        out = _get(results, r, (backend, "dtensor_replicate"))
+        out = rank_result(results, r, (backend, "dtensor_replicate"))
         if out["raised"] is not None:
             assert out["raised"].startswith("NotImplementedError"), out["raised"]
         else:

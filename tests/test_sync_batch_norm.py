@@ -20,12 +20,8 @@ and buffers and keeping the activation.
 from __future__ import annotations
 
 import copy
-import datetime
 import inspect
 import os
-import sys
-import time
-import traceback
 
 import pytest
 import torch
@@ -33,15 +29,14 @@ import torch.nn.functional as F
 
 import fusedstab
 import fusedstab.nn as fnn
-from fusedstab import backend as fs_backend
 
-from helpers import act_fn, assert_matches, leaf
+from helpers import (act_fn, assert_matches, gloo_backends, init_gloo, leaf, rank_result, recorder,
+                     run_gloo_workers)
 
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
-import torch.multiprocessing as mp  # noqa: E402
 
 WORLD = 2
 STEPS = 3
@@ -54,10 +49,6 @@ CASES = [
     ("nchw-leaky-0+5-cumulative", 3, (0, 5), (2, 3), "contiguous", "leaky_relu", 0.2, None),
 ]
 CASE_IDS = [c[0] for c in CASES]
-
-
-def _backends():
-    return ["triton", "torch"] if fs_backend.triton_interpret() else ["torch"]
 
 
 def _fmt(name):
@@ -101,17 +92,10 @@ MODEL_SIZES = (2, 4)
 
 # ----------------------------------------------------------------------------- the workers
 def _worker(rank: int, init_file: str, out_dir: str, backends: list[str]) -> None:
-    # loopback only: gloo picks the hostname's interface otherwise, which hangs in some sandboxes
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo" if sys.platform.startswith("linux") else "lo0")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
+    init_gloo(rank, init_file, WORLD)
     res: dict = {}
 
-    def record(key, fn):
-        try:
-            res[key] = fn()
-        except Exception as e:  # every case is recorded; the test decides
-            res[key] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+    record = recorder(res)
 
     for backend in backends:
         with fusedstab.use_backend(backend):
@@ -178,31 +162,11 @@ def _worker(rank: int, init_file: str, out_dir: str, backends: list[str]) -> Non
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     """Run the workers once; {rank: results}."""
-    tmp = tmp_path_factory.mktemp("sync_bn")
-    init_file = str(tmp / "store")
-    start = time.time()
-    ctx = mp.start_processes(_worker, args=(init_file, str(tmp), _backends()), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    try:
-        while not ctx.join(timeout=5):
-            if time.time() - start > TIMEOUT_S:
-                pytest.fail(f"the {WORLD} gloo workers did not finish in {TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-    return {r: torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)}
-
-
-def _get(results, rank, key):
-    v = results[rank][key]
-    if isinstance(v, dict) and "error" in v:
-        pytest.fail(f"rank {rank} {key}: {v['error']}\n{v['traceback']}")
-    return v
+    return run_gloo_workers(_worker, tmp_path_factory.mktemp("sync_bn"), WORLD, TIMEOUT_S)
 
 
 def _need(backend):
-    if backend not in _backends():
+    if backend not in gloo_backends():
         pytest.skip("triton backend on CPU tensors needs TRITON_INTERPRET=1")
 
 
@@ -284,7 +248,7 @@ def test_output_and_dinput_are_the_global_batchs(results, backend, cid):
     sl = _slices(case[2])
     truth = _truth(case)
     for r in range(WORLD):
-        out = _get(results, r, (backend, "train", cid))
+        out = rank_result(results, r, (backend, "train", cid))
         for step in range(STEPS):
             got, t = out["steps"][step], truth[step]
             tag = f"[{backend}] {cid} rank {r} step {step}"
@@ -302,7 +266,7 @@ def test_dweight_dbias_are_local(results, backend, cid):
     _need(backend)
     case = _case(cid)
     truth = _truth(case)
-    outs = [_get(results, r, (backend, "train", cid)) for r in range(WORLD)]
+    outs = [rank_result(results, r, (backend, "train", cid)) for r in range(WORLD)]
     for step in range(STEPS):
         t = truth[step]
         for r in range(WORLD):
@@ -324,7 +288,7 @@ def test_running_stats_equal_on_ranks_and_single_process(results, backend, cid):
     case = _case(cid)
     sl = _slices(case[2])
     truth = _truth(case)
-    outs = [_get(results, r, (backend, "train", cid)) for r in range(WORLD)]
+    outs = [rank_result(results, r, (backend, "train", cid)) for r in range(WORLD)]
     for step in range(STEPS):
         t = truth[step]
         for name in ("running_mean", "running_var", "num_batches_tracked"):
@@ -348,7 +312,7 @@ def test_eval_does_not_sync(results, backend):
     case = CASES[0]
     x, _ = global_batch(case, 0)
     for r, sl in enumerate(_slices(case[2])):
-        got = _get(results, r, (backend, "eval_no_running_stats"))["y"]
+        got = rank_result(results, r, (backend, "eval_no_running_stats"))["y"]
         xs = x[sl]
         exp64 = F.silu(F.batch_norm(xs.double(), None, None, training=True))
         exp = F.silu(F.batch_norm(xs, None, None, training=True))
@@ -376,7 +340,7 @@ def test_convert_sync_batchnorm_model(results, backend):
         outs.append((y.detach(), gx, dict(m.named_buffers())))
     (ye, dxe, be), (yt, dxt, bt) = outs
     for r in range(WORLD):
-        got = _get(results, r, (backend, "converted"))
+        got = rank_result(results, r, (backend, "converted"))
         assert got["types"] == ["fusedstab.nn.normalization.SyncBatchNorm"] * 2, got["types"]
         assert_matches(got["y"], yt[sl[r]], ye[sl[r]], f"[{backend}] rank {r} model y")
         assert_matches(got["dx"], dxt[sl[r]], dxe[sl[r]], f"[{backend}] rank {r} model dx")
