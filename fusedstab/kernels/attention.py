@@ -94,6 +94,34 @@ def _pid_split(pid, n_blocks, REVERSE: tl.constexpr):
 
 
 @triton.jit
+def _query_block(Q, sqb, sqh, sqm, sqe, Hq, L, E, GROUPS, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_E: tl.constexpr):
+    """This program's block of queries (forward and dq kernels): (b, h, its kv head, b * Hq + h, first
+    row, rows, rows as int64, row mask, the q tile)."""
+    pid_m, bh = _pid_split(tl.program_id(0), tl.cdiv(L, BLOCK_M), CAUSAL)
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_e = tl.arange(0, BLOCK_E)
+    m64 = offs_m.to(tl.int64)
+    rmask = offs_m < L
+    q = tl.load(Q + b * sqb + h * sqh + m64[:, None] * sqm + offs_e[None, :] * sqe,
+                mask=rmask[:, None] & (offs_e < E)[None, :], other=0.0)
+    return b, h, h // GROUPS, bh.to(tl.int64), m0, offs_m, m64, rmask, q
+
+
+@triton.jit
+def _key_range(m0, S, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(full_end, hi) for queries [m0, m0 + BLOCK_M): key blocks [0, full_end) need no causal or tail
+    mask, [full_end, hi) do, keys >= hi are never seen."""
+    if CAUSAL:
+        return (tl.minimum(m0 + 1, S) // BLOCK_N) * BLOCK_N, tl.minimum(S, m0 + BLOCK_M)
+    else:
+        return (S // BLOCK_N) * BLOCK_N, S
+
+
+@triton.jit
 def _pdot(a, b, acc, SPLIT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """acc + a @ b for an fp32 tile ``a`` (P or dS) and a tile ``b`` in the input dtype: ``a`` rounded to
     b's dtype for the tensor cores (FlashAttention's numerics), or with SPLIT (precise mode, 2-byte
@@ -147,35 +175,19 @@ def _attn_fwd_kernel(Q, K, V, MASK, O, LSE,
                      SPLIT: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_T: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr):
-    pid_m, bh = _pid_split(tl.program_id(0), tl.cdiv(L, BLOCK_M), CAUSAL)
-    b = (bh // Hq).to(tl.int64)
-    h = (bh % Hq).to(tl.int64)
-    hk = h // GROUPS
-    bh = bh.to(tl.int64)
-    m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_e = tl.arange(0, BLOCK_E)
+    b, h, hk, bh, m0, offs_m, m64, rmask, q = _query_block(Q, sqb, sqh, sqm, sqe, Hq, L, E, GROUPS, CAUSAL,
+                                                           BLOCK_M, BLOCK_E)
     offs_ev = tl.arange(0, BLOCK_EV)
-    m64 = offs_m.to(tl.int64)
-    rmask = offs_m < L
-    q = tl.load(Q + b * sqb + h * sqh + m64[:, None] * sqm + offs_e[None, :] * sqe,
-                mask=rmask[:, None] & (offs_e < E)[None, :], other=0.0)
     K_bh = K + b * skb + hk * skh
     V_bh = V + b * svb + hk * svh
-    MASK_bh = MASK
+    MASK_bh = MASK  # a None pointer stays None: a jit function cannot return it (triton 3.6)
     if MASK_KIND != 0:
         MASK_bh = MASK + b * smb + h * smh
 
     m_i = tl.full([BLOCK_M], float("-inf"), ACC_T)
     l_i = tl.zeros([BLOCK_M], ACC_T)
     acc = tl.zeros([BLOCK_M, BLOCK_EV], ACC_T)
-    # Key blocks [0, full_end) need no causal/tail masks; [full_end, hi) do; keys >= hi are unseen.
-    if CAUSAL:
-        hi = tl.minimum(S, m0 + BLOCK_M)
-        full_end = (tl.minimum(m0 + 1, S) // BLOCK_N) * BLOCK_N
-    else:
-        hi = S
-        full_end = (S // BLOCK_N) * BLOCK_N
+    full_end, hi = _key_range(m0, S, CAUSAL, BLOCK_M, BLOCK_N)
     for n0 in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K_bh, V_bh,
                                   MASK_bh, offs_m, n0, bh, L, S, E, EV, skn, ske, svn, sve, smm, smn,
@@ -366,36 +378,22 @@ def _attn_bwd_dq_kernel(Q, K, V, MASK, DO, LSE, DELTA, DQ, DMASK,
                         INPUT_PRECISION: tl.constexpr, ACC_T: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr):
-    pid_m, bh = _pid_split(tl.program_id(0), tl.cdiv(L, BLOCK_M), CAUSAL)
-    b = (bh // Hq).to(tl.int64)
-    h = (bh % Hq).to(tl.int64)
-    hk = h // GROUPS
-    bh = bh.to(tl.int64)
-    m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    b, h, hk, bh, m0, offs_m, m64, rmask, q = _query_block(Q, sqb, sqh, sqm, sqe, Hq, L, E, GROUPS, CAUSAL,
+                                                           BLOCK_M, BLOCK_E)
     offs_e = tl.arange(0, BLOCK_E)
     offs_ev = tl.arange(0, BLOCK_EV)
-    m64 = offs_m.to(tl.int64)
-    rmask = offs_m < L
-    q = tl.load(Q + b * sqb + h * sqh + m64[:, None] * sqm + offs_e[None, :] * sqe,
-                mask=rmask[:, None] & (offs_e < E)[None, :], other=0.0)
     do = tl.load(DO + b * sdb + h * sdh + m64[:, None] * sdm + offs_ev[None, :] * sde,
                  mask=rmask[:, None] & (offs_ev < EV)[None, :], other=0.0)
     lse2 = _lse2(LSE + bh * L, offs_m, L)
     K_bh = K + b * skb + hk * skh
     V_bh = V + b * svb + hk * svh
-    MASK_bh = MASK
+    MASK_bh = MASK  # a None pointer stays None: a jit function cannot return it (triton 3.6)
     if MASK_KIND != 0:
         MASK_bh = MASK + b * smb + h * smh
     DMASK_bh = DMASK
     if STORE_DMASK:
         DMASK_bh = DMASK + bh * L * S
-    if CAUSAL:
-        hi = tl.minimum(S, m0 + BLOCK_M)
-        full_end = (tl.minimum(m0 + 1, S) // BLOCK_N) * BLOCK_N
-    else:
-        hi = S
-        full_end = (S // BLOCK_N) * BLOCK_N
+    full_end, hi = _key_range(m0, S, CAUSAL, BLOCK_M, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_E], ACC_T)
     delta = tl.zeros([BLOCK_M], ACC_T)
     if EXACT_DELTA:
