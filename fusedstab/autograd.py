@@ -127,7 +127,7 @@ def _from_2d(t2, order, shape):
 
 
 def _act_saved(y, mask, slope):
-    return mask if ops.leaky_relu.saves_mask(slope) else y
+    return mask if ops.bias_leaky_relu.saves_mask(slope) else y
 
 
 class BiasLeakyReLUFunction(torch.autograd.Function):

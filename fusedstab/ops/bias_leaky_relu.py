@@ -156,7 +156,7 @@ def _matmul_ok(x, weight, bias, slope) -> str | None:
 
 
 def _fwd_triton(x, bias, slope, per_row):
-    from ..kernels import leaky_relu as K
+    from ..kernels import bias_leaky_relu as K
 
     y, mask = _fwd_outputs(x, bias, slope)
     if x.numel():
@@ -166,7 +166,7 @@ def _fwd_triton(x, bias, slope, per_row):
 
 
 def _bwd_triton(dy, saved, slope, per_row, C, dx_dtype, need_dx, need_dbias):
-    from ..kernels import leaky_relu as K
+    from ..kernels import bias_leaky_relu as K
 
     dx, db = _bwd_outputs(dy, C, dx_dtype, need_dx, need_dbias)
     if not dy.numel():
@@ -178,7 +178,7 @@ def _bwd_triton(dy, saved, slope, per_row, C, dx_dtype, need_dx, need_dbias):
 
 
 def _linear_triton(x, weight, bias, slope):
-    from ..kernels import matmul as K
+    from ..kernels import linear_leaky_relu as K
 
     y, mask = _fwd_outputs(x, None, slope, weight.shape[0])
     if y.numel():

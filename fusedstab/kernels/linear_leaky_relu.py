@@ -2,7 +2,7 @@
 
 x (M, K) and w (N, K) with any strides, y (M, N) contiguous. Accumulation in fp32 (fp64 for fp64
 input under the interpreter), the bias added to the fp32 accumulator, one rounding to y's dtype.
-For a negative slope the epilogue also writes the sign bit mask of fusedstab.kernels.leaky_relu,
+For a negative slope the epilogue also writes the sign bit mask of fusedstab.kernels.bias_leaky_relu,
 whose backward kernel turns dy into dz = dy * leaky_relu'(z) and dbias in one pass.
 
 Tiles: the grouped ordering of the Triton matmul tutorial (GROUP_M row tiles share a column
@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .common import _ACC, _slope, split_slope
-from .leaky_relu import store_mask
+from .bias_leaky_relu import store_mask
 
 
 def _configs():
