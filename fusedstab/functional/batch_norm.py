@@ -9,9 +9,7 @@ import torch
 from torch import Tensor
 
 from ..autograd import BatchNormFunction, SyncBatchNormFunction
-from .checks import check_activation, type_name
-
-_REDUCED = (torch.float16, torch.bfloat16)
+from .checks import check_activation, check_param_dtypes, type_name
 
 def _check_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                       verify_batch_size=True) -> None:
@@ -46,11 +44,7 @@ def _check_batch_norm(input, running_mean, running_var, weight, bias, training, 
                                f"{input.device} and {p.device}!")
     if not input.is_floating_point():
         raise NotImplementedError(f'"batch_norm" not implemented for \'{type_name(input.dtype)}\'')
-    dtypes = {p.dtype for p in params.values() if p is not None}
-    if dtypes and dtypes != {input.dtype} and not (input.dtype in _REDUCED and dtypes == {torch.float32}):
-        raise RuntimeError(f"mixed dtype: batch_norm's weight, bias, running_mean and running_var must all have "
-                           f"the input's dtype {input.dtype}, or all be float32 for a float16 or bfloat16 input; "
-                           f"got {sorted(map(str, dtypes))}")
+    check_param_dtypes("batch_norm", input, params)
 
 
 def _update_running(running_mean: Tensor, running_var: Tensor, stats: Tensor, momentum: float) -> None:

@@ -44,3 +44,16 @@ def check_activation(activation, negative_slope) -> tuple[str, float]:
         raise TypeError(f"negative_slope must be a number, not {type(negative_slope).__name__}")
     return activation or "none", float(negative_slope)
 
+
+_REDUCED = (torch.float16, torch.bfloat16)
+
+
+def check_param_dtypes(name: str, input: Tensor, params: dict) -> None:
+    """The parameter dtype rule of every fusedstab norm (LayerNorm, RMSNorm, GroupNorm, BatchNorm):
+    torch's CPU rule, on every device. The given parameters (weight, bias, running statistics) all
+    have the input's dtype, or all are float32 for a float16 or bfloat16 input (mixed precision)."""
+    dtypes = {p.dtype for p in params.values() if p is not None}
+    if dtypes and dtypes != {input.dtype} and not (input.dtype in _REDUCED and dtypes == {torch.float32}):
+        given = ", ".join(f"{k} {p.dtype}" for k, p in params.items() if p is not None)
+        raise RuntimeError(f"mixed dtype: {name}'s parameters must all have the input's dtype {input.dtype}, or all "
+                           f"be float32 for a float16 or bfloat16 input; got {given}")

@@ -6,7 +6,7 @@ from typing import Optional
 from torch import Tensor
 
 from ..autograd import GroupNormFunction
-from .checks import check_activation, type_name
+from .checks import check_activation, check_param_dtypes, type_name
 
 
 def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
@@ -24,7 +24,9 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
     if input.dim() < 2:
         raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {input.dim()}")
     C = input.shape[1]
-    if num_groups <= 0 or C % num_groups:
+    if num_groups <= 0:
+        raise RuntimeError(f"Expected num groups to be greater than 0, got {num_groups}")
+    if C % num_groups:
         raise RuntimeError("Expected number of channels in input to be divisible by num_groups, but got input "
                            f"of shape {list(input.shape)} and num_groups={num_groups}")
     for name, p in (("weight", weight), ("bias", bias)):
@@ -42,4 +44,5 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
                            f"{input.dtype}, a weight or bias was given)")
     if not input.is_floating_point():
         raise NotImplementedError(f'"group_norm" not implemented for \'{type_name(input.dtype)}\'')
+    check_param_dtypes("group_norm", input, {"weight": weight, "bias": bias})
     return GroupNormFunction.apply(input, int(num_groups), weight, bias, float(eps), act, slope)

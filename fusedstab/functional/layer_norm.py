@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..autograd import AddLayerNormFunction, LayerNormFunction, RMSNormFunction
 from ..numerics import acc_dtype
-from .checks import type_name
+from .checks import check_param_dtypes, type_name
 
 
 def _check_norm_args(name: str, input: Tensor, normalized_shape, params: dict) -> tuple:
@@ -44,6 +44,7 @@ def _check_norm_args(name: str, input: Tensor, normalized_shape, params: dict) -
                                f"devices, {input.device} and {p.device}!")
         if not p.is_floating_point():
             raise RuntimeError(f"expected {pname} to have a floating-point dtype, got {p.dtype}")
+    check_param_dtypes(name, input, params)
     return shape
 
 
