@@ -1,0 +1,132 @@
+"""The CUDA extension without a GPU: the committed ptxas table (csrc/cuda/ptxas_sm90a.md, made by
+csrc/cuda/check.py, which CI runs with nvcc) is current and shows no spill; check.py's parsing; the
+loader and the backend registry when the CUDA library cannot load (clear reasons, the other backends
+serve, one warning)."""
+import importlib.util
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import fusedstab
+from fusedstab import backend, extension
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _check_module():
+    spec = importlib.util.spec_from_file_location("_fs_cuda_check", ROOT / "csrc" / "cuda" / "check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+check = _check_module()
+
+
+def _table():
+    text = check.TABLE.read_text()
+    digest = re.search(r"sources (\w+)", text).group(1)
+    version = re.search(r"\((release [^)]+)\)", text).group(1)
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| ") and "`" in line]
+    return text, digest, version, [[c.strip().strip("`") for c in r] for r in rows]
+
+
+def test_ptxas_table_is_current():
+    """Regenerate with `python csrc/cuda/check.py --write` (needs nvcc) after changing a kernel."""
+    _, digest, version, _ = _table()
+    assert digest == check.sources_hash(version), (
+        "csrc/cuda/ptxas_sm90a.md was made from other sources: run `python csrc/cuda/check.py --write`")
+
+
+def test_ptxas_table_covers_every_kernel_file_and_shows_no_spill():
+    _, _, _, rows = _table()
+    files = {r[0] for r in rows}
+    kernel_files = {p.name for p in (ROOT / "csrc" / "cuda").glob("*.cu") if "<<<" in p.read_text()}
+    assert kernel_files <= files, f"no ptxas rows for {kernel_files - files}"
+    rows = [{"name": r[1], "spill_st": int(r[5]), "spill_ld": int(r[6])} for r in rows]
+    assert not check.spills(rows)
+
+
+PTXAS = """ptxas info    : Compiling entry function '_ZN9fusedstab4cuda3blr10fwd_kernelIffEEvPKT_' for 'sm_90a'
+ptxas info    : Function properties for _ZN9fusedstab4cuda3blr10fwd_kernelIffEEvPKT_
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 40 registers, used 0 barriers
+ptxas info    : Compiling entry function '_Z3bigPf' for 'sm_90a'
+ptxas info    : Function properties for _Z3bigPf
+    48 bytes stack frame, 44 bytes spill stores, 40 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 4096 bytes smem, 384 bytes cmem[0]
+"""
+
+
+def test_parse_ptxas_finds_spills():
+    rows = check.parse_ptxas(PTXAS)
+    assert [(r["regs"], r["smem"], r["stack"], r["spill_st"], r["spill_ld"]) for r in rows] == [
+        (40, 0, 0, 0, 0), (255, 4096, 48, 44, 40)]
+    for r in rows:
+        r["name"] = r["mangled"]
+    assert check.spills(rows) == ["_Z3bigPf"]
+
+
+def test_cuda_flags_one_arch():
+    assert extension.cuda_arch((9, 0)) == "90a" and extension.cuda_arch((8, 6)) == "86"
+    flags = extension.cuda_flags(["90a"])
+    assert "-gencode=arch=compute_90a,code=sm_90a" in flags and "--use_fast_math" not in flags
+    assert sum("-gencode" in f for f in extension.cuda_flags(["90a"], "80")) == 2
+
+
+def test_cpu_library_hash_ignores_cuda_sources(tmp_path):
+    """A CUDA edit must not rebuild the CPU library (minutes), and must rebuild the CUDA one."""
+    (tmp_path / "cuda" / "kernels").mkdir(parents=True)
+    (tmp_path / "registration.cpp").write_text("// schemas\n")
+    (tmp_path / "cuda" / "x.cu").write_text("// kernel\n")
+    cpu = [tmp_path / "registration.cpp"]
+    cuda = extension.cuda_sources(tmp_path)
+    before = extension.build_hash(tmp_path, cpu, []), extension.build_hash(tmp_path, cuda, [])
+    (tmp_path / "cuda" / "kernels" / "k.cuh").write_text("// changed\n")
+    after = extension.build_hash(tmp_path, cpu, []), extension.build_hash(tmp_path, cuda, [])
+    assert before[0] == after[0] and before[1] != after[1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA library may load here")
+def test_cuda_backend_absent_without_a_gpu():
+    why = backend.unavailable("cuda", "cuda")
+    assert why in ("no CUDA device", "this build of torch has no CUDA", "turned off by FUSEDSTAB_BUILD_EXT=0")
+    assert "cuda" not in fusedstab.available_backends()
+    assert backend.unavailable("cuda", "cpu") == "the cuda backend does not serve cpu tensors"
+    x = torch.randn(3, 8)
+    with fusedstab.use_backend("cuda"), pytest.raises(backend.BackendError, match="backend .cuda. cannot run"):
+        fusedstab.functional.bias_leaky_relu(x, torch.randn(8))
+
+
+def test_load_cuda_without_nvcc_warns_once(monkeypatch):
+    """A GPU but no nvcc (or a failed build): one warning with the cause, then a reason, no raise."""
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setattr(extension, "_cuda_unbuildable", lambda: None)
+    monkeypatch.setattr(extension, "load", lambda: None)  # the CPU library (schemas) is there
+    monkeypatch.setattr(extension, "_prebuilt", lambda *a: None)
+    monkeypatch.setattr(cpp, "CUDA_HOME", None)
+    monkeypatch.setenv("FUSEDSTAB_BUILD_EXT", "1")
+    extension.load_cuda.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="nvcc not found.*cuda backend is off"):
+            why = extension.load_cuda()
+        assert "nvcc not found" in why
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert extension.load_cuda() == why  # cached: no second warning, no second try
+    finally:
+        extension.load_cuda.cache_clear()
+
+
+def test_load_cuda_needs_the_schema_library(monkeypatch):
+    monkeypatch.setattr(extension, "_cuda_unbuildable", lambda: None)
+    monkeypatch.setattr(extension, "load", lambda: "turned off by FUSEDSTAB_BUILD_EXT=0")
+    extension.load_cuda.cache_clear()
+    try:
+        assert "holds the op schemas is unavailable" in extension.load_cuda()
+    finally:
+        extension.load_cuda.cache_clear()
