@@ -130,3 +130,53 @@ def test_load_cuda_needs_the_schema_library(monkeypatch):
         assert "holds the op schemas is unavailable" in extension.load_cuda()
     finally:
         extension.load_cuda.cache_clear()
+
+
+# =============================================================================== host-side logic
+CHUNK = 32768  # csrc/cuda/multi_tensor_plan.h's kChunk
+
+
+@pytest.fixture(scope="module")
+def plan_exe(tmp_path_factory):
+    """tests/cuda_host/plan_main.cpp built with the host compiler (about a second)."""
+    import shutil
+    import subprocess
+
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler")
+    exe = tmp_path_factory.mktemp("plan") / "plan"
+    subprocess.run([cxx, "-std=c++17", "-O1", f"-I{ROOT / 'csrc'}", str(ROOT / "tests" / "cuda_host" / "plan_main.cpp"),
+                    "-o", str(exe)], check=True)
+    return exe
+
+
+def _plan(exe, cap, sizes):
+    import subprocess
+
+    out = subprocess.run([str(exe)], input=f"{cap} {len(sizes)} " + " ".join(map(str, sizes)), capture_output=True,
+                         text=True, check=True).stdout.splitlines()
+    launches = [tuple(map(int, line.split())) for line in out if line[0].isdigit()]
+    total = int(next(line for line in out if line.startswith("total")).split()[1])
+    kinds = [int(v) for v in next(line for line in out if line.startswith("kinds")).split()[1:]]
+    return launches, total, kinds
+
+
+@pytest.mark.parametrize("cap,sizes", [
+    (64, [1]), (64, [0, 0, 5]), (64, [CHUNK, CHUNK + 1, 3 * CHUNK - 1]),
+    (64, [768] * 148), (1024, [1000 + 37 * i for i in range(1000)]), (1024, [2**33, 7, 0, 2**31 + 3]),
+])
+def test_multi_tensor_plan_covers_every_chunk_once(plan_exe, cap, sizes):
+    """Launches take consecutive tensors, at most cap each; their chunks tile the partial buffer
+    [0, total) with no gap or overlap; each tensor has ceil(numel / CHUNK) chunks (an empty one none)."""
+    launches, total, kinds = _plan(plan_exe, cap, sizes)
+    assert kinds == [1, 2, 5, 3, 4, 0]  # square, abs, nonzero, max, min, pow: the Triton codes
+    chunks = [-(-s // CHUNK) for s in sizes]
+    assert total == sum(chunks)
+    nxt_tensor, nxt_chunk = 0, 0
+    for first, count, base, n in launches:
+        assert first == nxt_tensor and 1 <= count <= cap and base == nxt_chunk
+        assert n == sum(chunks[first:first + count]) < 2**31
+        nxt_tensor, nxt_chunk = first + count, base + n
+    assert nxt_tensor == len(sizes) and nxt_chunk == total
+    assert len(launches) == -(-len(sizes) // cap)  # no needless split
