@@ -19,7 +19,7 @@ struct Grid {
 // bx: the 8-column groups of a row, up to 32; slices: enough blocks to fill the device (`per_sm`
 // blocks per SM), at most one per `by` rows and 65535 (grid.y's limit: the slices stride over rows).
 Grid grid_for(int64_t R, int64_t L, int per_sm) {
-  const int64_t L8 = ceil_div(L, blr::kGroup);
+  const int64_t L8 = ceil_div(L, kGroup);
   int bx = 1;
   while (bx < 32 && bx < L8) bx *= 2;
   Grid g{bx, blr::kThreads / bx, ceil_div(L8, bx), 1};
@@ -34,7 +34,7 @@ template <typename T> bool aligned(const void* p) { return aligned16(static_cast
 
 template <typename TX, typename TY> cudaError_t fwd(const BiasLeakyReluFwd& a, cudaStream_t stream) {
   const Grid g = grid_for(a.R, a.L, kFwdPerSm);
-  const bool vec = a.L % blr::kGroup == 0 && aligned<TX>(a.x) && aligned<TY>(a.y);
+  const bool vec = a.L % kGroup == 0 && aligned<TX>(a.x) && aligned<TY>(a.y);
   blr::fwd_kernel<TX, TY><<<dim3(unsigned(g.tiles), unsigned(g.slices)), blr::kThreads, 0, stream>>>(
       static_cast<const TX*>(a.x), static_cast<const TY*>(a.bias), static_cast<TY*>(a.y), a.mask, a.R, a.L,
       a.C, acc_t<TY>(a.slope), a.per_row, vec, g.bx);
@@ -44,7 +44,7 @@ template <typename TX, typename TY> cudaError_t fwd(const BiasLeakyReluFwd& a, c
 template <typename TD, typename TX> cudaError_t bwd(const BiasLeakyReluBwd& a, cudaStream_t stream) {
   using A = acc_t<TD>;
   const Grid g = grid_for(a.R, a.L, kBwdPerSm);
-  const bool vec = a.L % blr::kGroup == 0 && aligned<TD>(a.dy) && (a.dx == nullptr || aligned<TX>(a.dx)) &&
+  const bool vec = a.L % kGroup == 0 && aligned<TD>(a.dy) && (a.dx == nullptr || aligned<TX>(a.dx)) &&
                    (a.use_mask || aligned<TD>(a.saved));
   A* part = a.dbias != nullptr ? static_cast<A*>(a.partial) : nullptr;
   blr::bwd_kernel<TD, TX><<<dim3(unsigned(g.tiles), unsigned(g.slices)), blr::kThreads, 0, stream>>>(

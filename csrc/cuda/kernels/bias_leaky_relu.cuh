@@ -12,22 +12,7 @@ namespace fusedstab {
 namespace cuda {
 namespace blr {
 
-constexpr int kThreads = 256, kGroup = 8;
-
-// 8 elements [i, i + 8) of a row of length L (columns c0..c0+7, c0 = i's column), as acc.
-template <typename A, typename T>
-__device__ __forceinline__ void load8(A* v, const T* __restrict__ p, int64_t i, int64_t row_left, bool vec) {
-  constexpr int V = Vec<T>::N;
-#pragma unroll
-  for (int k = 0; k < kGroup; k += V) load_vec(v + k, p, i + k, i + row_left, vec);
-}
-
-template <typename T, typename A>
-__device__ __forceinline__ void store8(T* __restrict__ p, const A* v, int64_t i, int64_t row_left, bool vec) {
-  constexpr int V = Vec<T>::N;
-#pragma unroll
-  for (int k = 0; k < kGroup; k += V) store_vec(p, v + k, i + k, i + row_left, vec);
-}
+constexpr int kThreads = 256;
 
 // TX: x's type; TY: y's (and the bias's) type.
 template <typename TX, typename TY>
@@ -49,7 +34,7 @@ fwd_kernel(const TX* __restrict__ x, const TY* __restrict__ bias, TY* __restrict
   for (int64_t r = int64_t(blockIdx.y) * by + ty; r < R; r += int64_t(gridDim.y) * by) {
     const int64_t i = r * L + c0;
     A z[kGroup];
-    load8(z, x, i, L - c0, vec);
+    load8(z, x, i, i + L - c0, vec);
     const A br = (bias != nullptr && per_row) ? to_acc<A>(bias[r % C]) : A(0);
     unsigned bits = 0;
 #pragma unroll
@@ -58,7 +43,7 @@ fwd_kernel(const TX* __restrict__ x, const TY* __restrict__ bias, TY* __restrict
       bits |= unsigned(v > A(0)) << k;  // NaN: 0, as torch's backward treats it (slope)
       z[k] = v > A(0) ? v : v * slope;
     }
-    store8(y, z, i, L - c0, vec);
+    store8(y, z, i, i + L - c0, vec);
     if (mask != nullptr) mask[r * L8 + g] = uint8_t(c0 + kGroup <= L ? bits : bits & ((1u << (L - c0)) - 1));
   }
 }
@@ -84,12 +69,12 @@ bwd_kernel(const TD* __restrict__ dy, const void* __restrict__ saved, TX* __rest
     if (active && r < R) {
       const int64_t i = r * L + c0;
       A d[kGroup], s[kGroup];
-      load8(d, dy, i, L - c0, vec);
+      load8(d, dy, i, i + L - c0, vec);
       unsigned bits = 0;
       if (use_mask) {
         bits = static_cast<const uint8_t*>(saved)[r * L8 + g];
       } else {
-        load8(s, static_cast<const TD*>(saved), i, L - c0, vec);
+        load8(s, static_cast<const TD*>(saved), i, i + L - c0, vec);
 #pragma unroll
         for (int k = 0; k < kGroup; ++k) bits |= unsigned(s[k] > A(0)) << k;
       }
@@ -100,7 +85,7 @@ bwd_kernel(const TD* __restrict__ dy, const void* __restrict__ saved, TX* __rest
         acc[k] += d[k];
         rowsum += d[k];
       }
-      if (dx != nullptr) store8(dx, d, i, L - c0, vec);
+      if (dx != nullptr) store8(dx, d, i, i + L - c0, vec);
     }
     if (part != nullptr && per_row) {  // this column tile's sum of row r: over the bx lanes of the row
       rowsum = warp_reduce(rowsum, Sum{}, bx);

@@ -74,6 +74,23 @@ __device__ __forceinline__ void store_vec(T* __restrict__ p, const A* in, int64_
   }
 }
 
+// kGroup consecutive elements [i, i + kGroup) of a row that ends at element `end` (exclusive): one
+// 16-byte load for 16-bit types, two for fp32, four for fp64 where vec, else element by element
+// (past `end`: 0). A thread's unit of work in the row kernels: 8 columns are also a byte of a bit mask.
+constexpr int kGroup = 8;
+
+template <typename A, typename T>
+__device__ __forceinline__ void load8(A* v, const T* __restrict__ p, int64_t i, int64_t end, bool vec) {
+#pragma unroll
+  for (int k = 0; k < kGroup; k += Vec<T>::N) load_vec(v + k, p, i + k, end, vec);
+}
+
+template <typename T, typename A>
+__device__ __forceinline__ void store8(T* __restrict__ p, const A* v, int64_t i, int64_t end, bool vec) {
+#pragma unroll
+  for (int k = 0; k < kGroup; k += Vec<T>::N) store_vec(p, v + k, i + k, end, vec);
+}
+
 // ---------------------------------------------------------------------------- reductions
 struct Sum {
   template <typename A> __device__ __forceinline__ A operator()(A a, A b) const { return a + b; }
