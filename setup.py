@@ -1,9 +1,10 @@
 """Build script. Builds the C++ CPU extension (csrc/) as fusedstab/_C*.so when torch is importable at
 build time (``pip install --no-build-isolation``, ``python setup.py build_ext --inplace``) and
 ``FUSEDSTAB_BUILD_EXT`` is not 0, and the CUDA kernels (csrc/cuda) as fusedstab/_C_cuda*.so where that
-torch is a CUDA build and nvcc is found (SASS for sm_90a, PTX of sm_80 for other GPUs). Otherwise (e.g. pip's isolated build, where torch is absent) the
-package is pure Python and fusedstab.extension compiles the same sources on first use. Either way
-csrc/ travels inside the package as fusedstab/_csrc, so an installed copy can compile it too."""
+torch is a CUDA build and nvcc is found (SASS for sm_90a, PTX of sm_80 for other GPUs). Otherwise
+(e.g. pip's isolated build, where torch is absent) the package is pure Python and fusedstab.extension
+compiles the same sources on first use. Either way csrc/ travels inside the package as fusedstab/_csrc,
+so an installed copy can compile it too."""
 import importlib.util
 import os
 import shutil
