@@ -137,40 +137,38 @@ CHUNK = 32768  # csrc/cuda/multi_tensor_plan.h's kChunk
 
 
 @pytest.fixture(scope="module")
-def plan_exe(tmp_path_factory):
-    """tests/cuda_host/plan_main.cpp built with the host compiler (about a second)."""
+def host(tmp_path_factory):
+    """tests/cuda_host/host_main.cpp (the launchers' host logic: csrc/cuda/multi_tensor_plan.h,
+    launch_config.h) built with the host compiler (about a second); returns a query function."""
     import shutil
     import subprocess
 
     cxx = shutil.which("c++") or shutil.which("g++")
     if cxx is None:
         pytest.skip("no host C++ compiler")
-    exe = tmp_path_factory.mktemp("plan") / "plan"
-    subprocess.run([cxx, "-std=c++17", "-O1", f"-I{ROOT / 'csrc'}", str(ROOT / "tests" / "cuda_host" / "plan_main.cpp"),
+    exe = tmp_path_factory.mktemp("host") / "host"
+    subprocess.run([cxx, "-std=c++17", "-O1", f"-I{ROOT / 'csrc'}", str(ROOT / "tests" / "cuda_host" / "host_main.cpp"),
                     "-o", str(exe)], check=True)
-    return exe
+
+    def query(text: str) -> list[str]:
+        return subprocess.run([str(exe)], input=text, capture_output=True, text=True, check=True).stdout.splitlines()
+    return query
 
 
-def _plan(exe, cap, sizes):
-    import subprocess
-
-    out = subprocess.run([str(exe)], input=f"{cap} {len(sizes)} " + " ".join(map(str, sizes)), capture_output=True,
-                         text=True, check=True).stdout.splitlines()
-    launches = [tuple(map(int, line.split())) for line in out if line[0].isdigit()]
-    total = int(next(line for line in out if line.startswith("total")).split()[1])
-    kinds = [int(v) for v in next(line for line in out if line.startswith("kinds")).split()[1:]]
-    return launches, total, kinds
+def test_reduce_kinds(host):
+    assert host("kinds") == ["kinds 1 2 5 3 4 0"]  # square, abs, nonzero, max, min, pow: the Triton codes
 
 
 @pytest.mark.parametrize("cap,sizes", [
     (64, [1]), (64, [0, 0, 5]), (64, [CHUNK, CHUNK + 1, 3 * CHUNK - 1]),
     (64, [768] * 148), (1024, [1000 + 37 * i for i in range(1000)]), (1024, [2**33, 7, 0, 2**31 + 3]),
 ])
-def test_multi_tensor_plan_covers_every_chunk_once(plan_exe, cap, sizes):
+def test_multi_tensor_plan_covers_every_chunk_once(host, cap, sizes):
     """Launches take consecutive tensors, at most cap each; their chunks tile the partial buffer
     [0, total) with no gap or overlap; each tensor has ceil(numel / CHUNK) chunks (an empty one none)."""
-    launches, total, kinds = _plan(plan_exe, cap, sizes)
-    assert kinds == [1, 2, 5, 3, 4, 0]  # square, abs, nonzero, max, min, pow: the Triton codes
+    out = host(f"plan {cap} {len(sizes)} " + " ".join(map(str, sizes)))
+    launches = [tuple(map(int, line.split())) for line in out if line[0].isdigit()]
+    total = int(next(line for line in out if line.startswith("total")).split()[1])
     chunks = [-(-s // CHUNK) for s in sizes]
     assert total == sum(chunks)
     nxt_tensor, nxt_chunk = 0, 0
@@ -180,3 +178,44 @@ def test_multi_tensor_plan_covers_every_chunk_once(plan_exe, cap, sizes):
         nxt_tensor, nxt_chunk = first + count, base + n
     assert nxt_tensor == len(sizes) and nxt_chunk == total
     assert len(launches) == -(-len(sizes) // cap)  # no needless split
+
+
+# (max groups, max threads per row, min threads a block) of csrc/cuda/layer_norm.cu: forward fp32/16-bit
+# and fp64, backward (512-thread blocks: the persistent grid) fp32/16-bit and fp64.
+LN_CONFIGS = {"fwd": (4, 512, 128), "fwd64": (2, 512, 128), "bwd": (2, 512, 512), "bwd64": (1, 512, 512)}
+LN_N = sorted({*range(1, 300), *(2**k + d for k in range(8, 18) for d in (-9, -8, -1, 0, 1, 7, 8, 9)),
+               768, 1000, 1001, 3136, 5003, 12288, 50257})
+
+
+@pytest.mark.parametrize("kind", LN_CONFIGS)
+def test_layer_norm_row_config(host, kind):
+    """Every row length gets threads that cover it exactly once: tpr a power of two, tpr x groups x 8
+    >= N with no whole group of threads idle, groups a power of two within the register budget, a
+    block a whole number of rows (<= 512 threads, the kernels' launch bounds); longer rows, and only
+    those, take the long kernels."""
+    maxg, maxtpr, mint = LN_CONFIGS[kind]
+    out = host(f"ln {maxg} {maxtpr} {mint} {len(LN_N)} " + " ".join(map(str, LN_N)))
+    for line in out:
+        N, long_rows, tpr, groups, threads = map(int, line.split())
+        n8 = -(-N // 8)
+        assert bool(long_rows) == (n8 > maxtpr * maxg), N
+        if long_rows:
+            assert threads == 512
+            continue
+        assert tpr & (tpr - 1) == 0 and groups & (groups - 1) == 0 and groups <= maxg, N
+        assert tpr * groups >= n8 and (groups == 1 or tpr * groups // 2 < n8), N  # covers, no idle half
+        assert tpr == 1 or tpr * maxg // 2 < n8, N  # no more threads than the register budget needs
+        assert threads % tpr == 0 and threads == max(tpr, mint) and threads <= 512, N
+
+
+@pytest.mark.parametrize("R,L", [(1, 1), (3, 5), (37, 768), (64, 1001), (8, 49), (2**20, 8), (2**31 // 4096 + 3, 4096),
+                                 (1, 2**34), (16384, 3136)])
+@pytest.mark.parametrize("per_sm", [4, 8])
+def test_bias_leaky_relu_grid(host, R, L, per_sm):
+    """bx threads (a power of two <= 32) x by rows make a 256-thread block; the column tiles cover the
+    row's 8-column groups; the row slices stay within grid.y's 65535 and 2^31 - 1 tiles within grid.x."""
+    bx, by, tiles, slices = map(int, host(f"blr {per_sm} 132 {R} {L}")[0].split())
+    L8 = -(-L // 8)
+    assert bx & (bx - 1) == 0 and bx <= 32 and bx * by == 256 and (bx == 32 or bx >= L8)
+    assert tiles * bx >= L8 > (tiles - 1) * bx and tiles < 2**31
+    assert 1 <= slices <= min(65535, -(-R // by))

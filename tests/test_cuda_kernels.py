@@ -190,7 +190,7 @@ def test_layer_norm_over_2_31_elements():
         (dx,) = torch.autograd.grad(y, x, y)  # dy = y: no second big random tensor
     tail = x.detach()[-3:]
     ref = F.layer_norm(tail.double(), (N,), w.detach().double())
-    assert max_err(y[-3:], ref) < 0.05
+    assert max_err(y[-3:], ref) < 0.02 * max(1.0, ref.abs().max().item())  # bf16: 2^-8 relative
     xd = tail.double().requires_grad_()
     yd = F.layer_norm(xd, (N,), w.detach().double())
     (gd,) = torch.autograd.grad(yd, xd, y[-3:].double())

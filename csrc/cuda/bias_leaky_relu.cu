@@ -5,28 +5,14 @@
 #include "cuda/bias_leaky_relu.h"
 #include "cuda/kernels/bias_leaky_relu.cuh"
 #include "cuda/kernels/reduce.cuh"
+#include "cuda/launch_config.h"
 
 namespace fusedstab {
 namespace cuda {
 namespace {
 
-struct Grid {
-  int bx, by;      // threads across a row (8-column groups), rows per block
-  int64_t tiles;   // column tiles (gridDim.x)
-  int64_t slices;  // row slices (gridDim.y)
-};
-
-// bx: the 8-column groups of a row, up to 32; slices: enough blocks to fill the device (`per_sm`
-// blocks per SM), at most one per `by` rows and 65535 (grid.y's limit: the slices stride over rows).
-Grid grid_for(int64_t R, int64_t L, int per_sm) {
-  const int64_t L8 = ceil_div(L, kGroup);
-  int bx = 1;
-  while (bx < 32 && bx < L8) bx *= 2;
-  Grid g{bx, blr::kThreads / bx, ceil_div(L8, bx), 1};
-  const int64_t want = ceil_div(int64_t(per_sm) * sm_count(), g.tiles);
-  g.slices = std::max<int64_t>(1, std::min<int64_t>({want, ceil_div(R, g.by), 65535}));
-  return g;
-}
+using Grid = cfg::BlrGrid;
+Grid grid_for(int64_t R, int64_t L, int per_sm) { return cfg::blr_grid(R, L, per_sm, sm_count()); }
 
 constexpr int kFwdPerSm = 8, kBwdPerSm = 4;
 

@@ -5,6 +5,7 @@
 
 #include "cuda/kernels/layer_norm.cuh"
 #include "cuda/kernels/reduce.cuh"
+#include "cuda/launch_config.h"
 #include "cuda/layer_norm.h"
 
 namespace fusedstab {
@@ -14,24 +15,11 @@ namespace {
 // Groups of 8 columns a thread holds (blocks of up to 512 threads: 128 registers a thread): 4 forward
 // (32 values: rows up to 16K elements), 2 backward (x and dy cached, dweight and dbias accumulated: 64
 // values; rows up to 8K); half as many for fp64. Longer rows take the long kernels.
-constexpr int kMaxTpr = 512, kLongThreads = 512;
+using cfg::kMaxTpr;
+using cfg::row_config;
+using cfg::RowCfg;
 template <typename A> constexpr int fwd_max_groups() { return sizeof(A) == 8 ? 2 : 4; }
 template <typename A> constexpr int bwd_max_groups() { return sizeof(A) == 8 ? 1 : 2; }
-
-struct RowCfg {
-  bool long_rows;
-  int tpr, groups, threads;  // threads per row, groups of 8 per thread, threads per block
-};
-
-RowCfg row_config(int64_t N, int max_groups, int max_tpr, int min_threads) {
-  const int64_t n8 = ceil_div(N, kGroup);
-  if (n8 > int64_t(max_tpr) * max_groups) return {true, kLongThreads, 1, kLongThreads};
-  int tpr = 1;
-  while (tpr < ceil_div(n8, max_groups)) tpr *= 2;
-  int groups = 1;
-  while (groups * tpr < n8) groups *= 2;
-  return {false, tpr, groups, std::max(tpr, min_threads)};
-}
 
 bool al(const void* p) { return p == nullptr || (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 

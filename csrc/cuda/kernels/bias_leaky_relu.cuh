@@ -7,12 +7,13 @@
 #pragma once
 
 #include "cuda/kernels/common.cuh"
+#include "cuda/launch_config.h"
 
 namespace fusedstab {
 namespace cuda {
 namespace blr {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = cfg::kBlrThreads;
 
 // TX: x's type; TY: y's (and the bias's) type.
 template <typename TX, typename TY>

@@ -12,6 +12,7 @@
 
 #include "common/numerics.h"
 #include "cuda/launch.h"
+#include "cuda/launch_config.h"
 
 namespace fusedstab {
 namespace cuda {
@@ -77,7 +78,7 @@ __device__ __forceinline__ void store_vec(T* __restrict__ p, const A* in, int64_
 // kGroup consecutive elements [i, i + kGroup) of a row that ends at element `end` (exclusive): one
 // 16-byte load for 16-bit types, two for fp32, four for fp64 where vec, else element by element
 // (past `end`: 0). A thread's unit of work in the row kernels: 8 columns are also a byte of a bit mask.
-constexpr int kGroup = 8;
+constexpr int kGroup = cfg::kGroup;
 
 template <typename A, typename T>
 __device__ __forceinline__ void load8(A* v, const T* __restrict__ p, int64_t i, int64_t end, bool vec) {
