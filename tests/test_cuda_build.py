@@ -219,3 +219,12 @@ def test_bias_leaky_relu_grid(host, R, L, per_sm):
     assert bx & (bx - 1) == 0 and bx <= 32 and bx * by == 256 and (bx == 32 or bx >= L8)
     assert tiles * bx >= L8 > (tiles - 1) * bx and tiles < 2**31
     assert 1 <= slices <= min(65535, -(-R // by))
+
+
+def test_cuda_sources_have_distinct_stems():
+    """setup.py's build names an object after its source's stem in the source's folder: <op>.cu and
+    <op>.cpp would both become <op>.o (the glue is <op>_glue.cpp)."""
+    sources = extension.cuda_sources(ROOT / "csrc")
+    stems = [s.with_suffix("") for s in sources]
+    assert len(set(stems)) == len(stems), sorted(stems)
+    assert all(s.name.endswith("_glue.cpp") for s in sources if s.suffix == ".cpp")

@@ -1,6 +1,6 @@
 """The CUDA kernels' CPU-side check (CI has no GPU): compile every csrc/cuda/*.cu for sm_90a with
 ``-Xptxas -v``, tabulate each kernel's registers, shared memory, stack and spills, and syntax-check
-the torch glue (csrc/cuda/*.cpp) against the installed (CPU) torch's headers.
+the torch glue (csrc/cuda/*_glue.cpp) against the installed (CPU) torch's headers.
 
     python csrc/cuda/check.py           # check: fails on a compile error, a spill, or a stale table
     python csrc/cuda/check.py --write   # (re)write the table after changing a kernel

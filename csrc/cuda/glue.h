@@ -1,4 +1,4 @@
-// Helpers that every CUDA glue file (csrc/cuda/<op>.cpp) shares: argument checks with clear
+// Helpers that every CUDA glue file (csrc/cuda/<op>_glue.cpp) shares: argument checks with clear
 // messages, the dtype codes of launch.h, the current stream. Only the c10/cuda stream, guard and
 // exception headers (ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers, so CI's syntax check
 // against the CPU build of torch could not compile it).

@@ -1,5 +1,5 @@
 // The torch-free interface between the CUDA launchers (csrc/cuda/<op>.cu, compiled by plain nvcc)
-// and their torch glue (csrc/cuda/<op>.cpp, compiled by the host compiler): dtype codes, and the
+// and their torch glue (csrc/cuda/<op>_glue.cpp, compiled by the host compiler): dtype codes, and the
 // convention that a launcher takes raw pointers, sizes, strides and a cudaStream_t and returns the
 // cudaError_t of its launches (the glue turns it into a torch error with C10_CUDA_CHECK).
 #pragma once
