@@ -1,7 +1,8 @@
 """The CUDA extension without a GPU: the committed ptxas table (csrc/cuda/ptxas_sm90a.md, made by
 csrc/cuda/check.py, which CI runs with nvcc) is current and shows no spill; check.py's parsing; the
 loader and the backend registry when the CUDA library cannot load (clear reasons, the other backends
-serve, one warning)."""
+serve, one warning); the launchers' host logic (multi-tensor launch plans, LayerNorm row
+configurations, bias + Leaky ReLU grids) compiled with the host compiler and checked."""
 import importlib.util
 import re
 import warnings
