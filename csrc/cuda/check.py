@@ -68,7 +68,7 @@ def cuda_include(nvcc: Path) -> Path:
 
 def sources_hash(nvcc_version: str) -> str:
     """The .cu/.cuh/.h files of csrc/cuda, the shared numerics header, the flags and nvcc's version."""
-    h = hashlib.sha256(" ".join(nvcc_flags() + [nvcc_version]).encode())
+    h = hashlib.sha256(" ".join(nvcc_flags(include=False) + [nvcc_version]).encode())
     files = sorted([*HERE.glob("*.cu"), *HERE.rglob("*.cuh"), *HERE.glob("*.h"), CSRC / "common" / "numerics.h"])
     for p in files:
         h.update(str(p.relative_to(CSRC)).encode())
@@ -76,8 +76,10 @@ def sources_hash(nvcc_version: str) -> str:
     return h.hexdigest()[:16]
 
 
-def nvcc_flags() -> list[str]:
-    return _extension().cuda_flags([ARCH]) + TORCH_NVCC_FLAGS + [f"-I{CSRC}"]
+def nvcc_flags(include: bool = True) -> list[str]:
+    """The JIT build's flags for sm_90a, torch's, and (include) -I csrc: an absolute path, which the
+    table's hash leaves out (CI checks out the repository elsewhere)."""
+    return _extension().cuda_flags([ARCH]) + TORCH_NVCC_FLAGS + ([f"-I{CSRC}"] if include else [])
 
 
 def _demangle(names: list[str]) -> dict[str, str]:
