@@ -37,7 +37,7 @@ print(f'cuda library: {why or \"loaded\"} in {time.time() - t:.0f}s; device {tor
 raise SystemExit(1 if why else 0)"
 if [ $rc -ne 0 ]; then echo "the CUDA library did not build: nothing else to run"; exit 1; fi
 
-stage cuda-tests python -m pytest -q -x tests/test_cuda_kernels.py
+stage cuda-tests python -m pytest -q tests/test_cuda_kernels.py
 stage cuda-op-tests env FUSEDSTAB_TEST_BACKENDS=cuda python -m pytest -q -m gpu \
     tests/test_layer_norm.py tests/test_bias_leaky_relu.py tests/test_clip_grad.py
 
