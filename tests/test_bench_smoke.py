@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from fusedstab.bench import MODES, OPS
-from fusedstab.bench import activation as act_bench
-from fusedstab.bench import clip as clip_bench
-from fusedstab.bench.norms import bytes_model
+from fusedstab.bench import bias_leaky_relu as bias_bench
+from fusedstab.bench import clip_grad_norm as clip_bench
+from fusedstab.bench import linear_leaky_relu as linear_bench
+from fusedstab.bench.layer_norm import bytes_model
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW_KEYS = {"op", "mode", "provider", "dtype", "ms", "bytes", "gbps", "pct_copy",
@@ -85,10 +86,10 @@ def test_clip_bytes_model_and_lists():
 
 def test_activation_bytes_and_flops_model():
     n, C, e = 8192 * 4096, 4096, 2  # bf16 x and bias; slope >= 0: backward reads the saved y
-    assert act_bench.bias_bytes_model(n, C, e, e) == {"fwd": 2 * n * e + C * e, "bwd": 3 * n * e + C * e,
+    assert bias_bench.bias_bytes_model(n, C, e, e) == {"fwd": 2 * n * e + C * e, "bwd": 3 * n * e + C * e,
                                                       "fwd+bwd": 5 * n * e + 2 * C * e}
     M, K, N = 8192, 4096, 16384
     fwd = (M * K + N * K + M * N) * e + N * e  # read x, w, b; write y
     bwd = (M * N + M * K + N * K + M * N + M * K + N * K) * e + N * e  # read dy, x, w, y; write dx, dw, db
-    assert act_bench.linear_bytes_model(M, K, N, e, e) == {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}
-    assert act_bench.linear_flops(M, K, N) == {"fwd": 2 * M * N * K, "bwd": 4 * M * N * K, "fwd+bwd": 6 * M * N * K}
+    assert linear_bench.linear_bytes_model(M, K, N, e, e) == {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}
+    assert linear_bench.linear_flops(M, K, N) == {"fwd": 2 * M * N * K, "bwd": 4 * M * N * K, "fwd+bwd": 6 * M * N * K}

@@ -1,7 +1,7 @@
 """What one benchmark case is: an op at one shape, the callables that compute it, the bytes it must move.
 
-A new op family (GroupNorm, attention, grad clipping, ...) adds a module next to ``norms.py`` with a
-function ``cases(op, cfg) -> list[Case]`` and one line in ``fusedstab.bench.OPS``.
+A new op adds a module named after it (``fusedstab/bench/<op>.py``) with a function
+``<op>(cfg) -> list[Case]`` and one entry in ``fusedstab.bench.OPS``.
 
 Modes: autograd ops are timed forward, backward, and both (``AUTOGRAD_MODES``, the default). An op
 that is no autograd function declares its own modes and how a provider is called in each (the case's
@@ -16,7 +16,7 @@ from typing import Callable, ContextManager
 import torch
 
 AUTOGRAD_MODES = ("fwd", "bwd", "fwd+bwd")
-CLIP_MODES = ("norm", "clip")  # fusedstab.bench.clip
+CLIP_MODES = ("norm", "clip")  # fusedstab.bench.clip_grad_norm
 MODES = AUTOGRAD_MODES + CLIP_MODES  # every mode some case may declare (the CLI's choices)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
