@@ -15,11 +15,12 @@ Providers: ``eager`` (the reference), ``compile`` (torch.compile of eager), ``fu
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
 
-from .case import Case, Config
+from .case import LAYOUT_NAME, Case, Config, dtype_name, elt_size
 from .providers import fusedstab_providers, torch_providers
 
 SLOPE = 0.01  # torch's default; >= 0, so the fused backward saves y (the bytes model above)
@@ -30,15 +31,7 @@ MLP_HIDDEN = (4096, 16384)
 CONV_CHW = ((256, 56, 56), (128, 128, 128))
 # CPU quick: the first of each kind fits the Triton interpreter (providers.INTERPRET_MAX_ELEMS).
 CPU_QUICK_BIAS = (((64, 512), -1), ((256, 4096), -1), ((4, 16, 16, 16), 1))
-SMOKE_BIAS = (((8, 96), -1), ((2, 5, 6, 6), 1))
-
-
-def _elt(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+TINY_BIAS = (((8, 96), -1), ((2, 5, 6, 6), 1))
 
 
 def bias_bytes_model(numel: int, C: int, e: int, b: int) -> dict[str, int]:
@@ -49,13 +42,13 @@ def bias_bytes_model(numel: int, C: int, e: int, b: int) -> dict[str, int]:
 
 def bias_shapes(cfg: Config) -> list[tuple[tuple[int, ...], int, str]]:
     """(shape of x, dim of the bias, layout) per case; 4-D shapes come in both layouts."""
-    if cfg.smoke:
-        base = SMOKE_BIAS
+    if cfg.tiny:
+        base = TINY_BIAS
     elif cfg.device == "cpu" and cfg.quick:
         base = CPU_QUICK_BIAS
     else:
         target = (cfg.target_mib or TARGET_MIB[cfg.device]) << 20
-        e = _elt(cfg.dtype)
+        e = elt_size(cfg.dtype)
         hidden = MLP_HIDDEN[:1] if cfg.quick else MLP_HIDDEN
         chw = CONV_CHW[:1] if cfg.quick else CONV_CHW
         base = [((max(1, target // (h * e)), h), -1) for h in hidden]
@@ -84,13 +77,17 @@ def _bias_eager(x, b, dim):
     return F.leaky_relu(x + b.view((b.numel(),) + (1,) * (x.dim() - 1 - d)), SLOPE)
 
 
+def _desc(shape, layout) -> str:
+    if len(shape) == 2:
+        return f"{shape[0]} x {shape[1]} (tokens x hidden)"
+    return "x".join(map(str, shape)) + " " + LAYOUT_NAME[layout]
+
+
 def bias_leaky_relu(cfg: Config) -> list[Case]:
     cases = []
-    e = _elt(cfg.dtype)
+    e = elt_size(cfg.dtype)
     for shape, dim, layout in bias_shapes(cfg):
-        numel = 1
-        for s in shape:
-            numel *= s
+        numel = math.prod(shape)
         eager = functools.partial(_bias_eager, dim=dim)
         provs, skipped = torch_providers(eager, cfg)
         fp, fs = fusedstab_providers(
@@ -98,8 +95,8 @@ def bias_leaky_relu(cfg: Config) -> list[Case]:
         provs.update(fp)
         skipped.update(fs)
         params = {"shape": "x".join(map(str, shape)), "dim": dim, "layout": layout, "numel": numel,
-                  "dtype": _dtype_name(cfg.dtype)}
+                  "dtype": dtype_name(cfg.dtype)}
         make = functools.partial(_bias_inputs, shape, dim, layout, cfg.dtype, cfg.device)
-        cases.append(Case("bias_leaky_relu", params, make, provs,
-                          bias_bytes_model(numel, shape[dim], e, e), skipped=skipped))
+        cases.append(Case("bias_leaky_relu", params, make, provs, bias_bytes_model(numel, shape[dim], e, e),
+                          skipped=skipped, desc=_desc(shape, layout)))
     return cases

@@ -21,8 +21,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .bias_leaky_relu import SLOPE, _dtype_name, _elt
-from .case import Case, Config, Provider
+from .bias_leaky_relu import SLOPE
+from .case import Case, Config, Provider, dtype_name, elt_size
 from .providers import fusedstab_providers, torch_providers
 from .timing import make_thunk
 
@@ -32,7 +32,7 @@ LINEAR_QUICK_GPU = ((8192, 4096, 16384), (2048, 1024, 4096))
 # The Triton interpreter runs tl.dot program by program in numpy: keep its shape at 64^3.
 LINEAR_CPU_QUICK = ((64, 64, 64), (256, 256, 1024))
 LINEAR_CPU_FULL = ((1024, 512, 2048), (1024, 2048, 512), (256, 128, 512))
-LINEAR_SMOKE = ((16, 32, 48),)
+LINEAR_TINY = ((16, 32, 48),)
 
 
 def linear_bytes_model(M: int, K: int, N: int, e: int, b: int) -> dict[str, int]:
@@ -47,8 +47,8 @@ def linear_flops(M: int, K: int, N: int) -> dict[str, int]:
 
 
 def linear_shapes(cfg: Config) -> tuple[tuple[int, int, int], ...]:
-    if cfg.smoke:
-        return LINEAR_SMOKE
+    if cfg.tiny:
+        return LINEAR_TINY
     if cfg.device == "cpu":
         return LINEAR_CPU_QUICK if cfg.quick else LINEAR_CPU_FULL
     return LINEAR_QUICK_GPU if cfg.quick else LINEAR_FULL
@@ -86,7 +86,7 @@ def _linear_inputs(M, K, N, dtype, device):
 
 def linear_leaky_relu(cfg: Config) -> list[Case]:
     cases = []
-    e = _elt(cfg.dtype)
+    e = elt_size(cfg.dtype)
     for M, K, N in linear_shapes(cfg):
         provs, skipped = torch_providers(_linear_eager, cfg)
         fp, fs = fusedstab_providers(lambda ff: (lambda x, w, b: ff.linear_leaky_relu(x, w, b, SLOPE)),
@@ -94,8 +94,9 @@ def linear_leaky_relu(cfg: Config) -> list[Case]:
         provs.update(fp)
         skipped.update(fs)
         provs["matmul"] = Provider(_bare_matmul, check=False)
-        params = {"M": M, "K": K, "N": N, "dtype": _dtype_name(cfg.dtype)}
+        params = {"M": M, "K": K, "N": N, "dtype": dtype_name(cfg.dtype)}
         make = functools.partial(_linear_inputs, M, K, N, cfg.dtype, cfg.device)
         cases.append(Case("linear_leaky_relu", params, make, provs, linear_bytes_model(M, K, N, e, e),
-                          flops=linear_flops(M, K, N), skipped=skipped, thunk=linear_thunk))
+                          flops=linear_flops(M, K, N), skipped=skipped, thunk=linear_thunk,
+                          desc=f"{M}: {K} -> {N}"))
     return cases

@@ -1,4 +1,5 @@
-"""Provider sets shared by the op modules: eager torch, torch.compile, fusedstab backends, peers.
+"""Provider sets shared by the op modules: eager torch, torch.compile, fusedstab backends, peers;
+what each provider is (``ABOUT``), and which fusedstab backends can run here and why not (``backends``).
 
 Each builder returns (providers, skipped): a provider that cannot run here is left out with a reason,
 so one missing peer or failing backend never stops the run.
@@ -24,7 +25,7 @@ def torch_providers(eager: Callable, cfg: Config) -> tuple[dict, dict]:
     provs = {"eager": Provider(eager)}
     skipped = {}
     if not cfg.compile:
-        skipped["compile"] = "torch.compile left out (--no-compile or --smoke)"
+        skipped["compile"] = "torch.compile left out (--no-compile or --tiny)"
     else:
         # fullgraph: a graph break raises (and the provider is skipped with a note) instead of
         # silently timing eager. dynamic=False: one specialised graph per shape, as users get.
@@ -67,8 +68,6 @@ def fusedstab_providers(make_fn: Callable[[object], Callable], cfg: Config, nume
             skipped[label] = f"Triton interpreter on CPU: only calls of up to {INTERPRET_MAX_PROGRAMS} programs"
             continue
         provs[label] = Provider(make_fn(ff), functools.partial(fs.use_backend, name))
-    if cfg.device == "cpu" and not interpret:
-        skipped["fusedstab-triton"] = "on CPU only through the interpreter: TRITON_INTERPRET=1 before triton import"
     return provs, skipped
 
 
@@ -80,3 +79,79 @@ def liger(module: str, attr: str, cfg: Config) -> tuple[object | None, str | Non
         return getattr(importlib.import_module(f"liger_kernel.ops.{module}"), attr), None
     except Exception as e:
         return None, f"liger-kernel not importable: {type(e).__name__}: {e}"
+
+
+# ----------------------------------------------------------------------------- what each provider is
+# One line each, in the order reports list them. Yardsticks are not fusedstab's competitors: they
+# bound what a kernel could reach (matmul) or show the cost of a naive version (eager-loop).
+ABOUT = {
+    "eager": "the same op in eager PyTorch (torch.nn.functional; torch.nn.utils with foreach=True for "
+             "clip_grad_norm; SDPA's flash / memory-efficient backends for attention): the baseline of "
+             "every \"x eager\"",
+    "compile": "torch.compile(eager, fullgraph=True, dynamic=False): what PyTorch fuses without fusedstab",
+    "eager-loop": "yardstick, clip_grad_norm only: torch.nn.utils with foreach=False (one kernel per "
+                  "tensor), the naive version",
+    "matmul": "yardstick, linear_leaky_relu only: bare x @ w.T with its backward (no bias, no "
+              "activation), the ceiling for the fused matmul; its output is not compared with eager's",
+    "liger": "liger-kernel's Triton LayerNorm / RMSNorm (a peer; CUDA only, when installed)",
+    "apex": "NVIDIA apex's multi-tensor clip_grad_norm_ / l2norm (a peer; CUDA only, when installed)",
+    "flash-attn": "flash_attn.flash_attn_func, FlashAttention 2 (a peer; CUDA, fp16/bf16, when installed)",
+    "sdpa-flash": "F.scaled_dot_product_attention forced onto its FlashAttention backend",
+    "sdpa-cudnn": "F.scaled_dot_product_attention forced onto its cuDNN backend",
+    "sdpa-efficient": "F.scaled_dot_product_attention forced onto its memory-efficient backend",
+    "sdpa-math": "F.scaled_dot_product_attention forced onto its math backend (materializes L x L)",
+}
+BACKEND_ABOUT = {
+    "triton": "fusedstab's Triton kernels (on CPU only through the Triton interpreter: a correctness "
+              "check, its times mean nothing)",
+    "cuda": "fusedstab's C++/CUDA kernels",
+    "cpu": "fusedstab's C++ CPU kernels",
+    "torch": "fusedstab's eager reference (fusedstab/reference.py), what fusedstab runs where no "
+             "kernel backend can",
+}
+
+
+def about(name: str) -> str:
+    if name.startswith("fusedstab-"):
+        backend = name.removeprefix("fusedstab-")
+        return BACKEND_ABOUT.get(backend, f"fusedstab on its {backend!r} backend")
+    return ABOUT.get(name, "a peer library")
+
+
+def backends(device: str, planned: set[str], ran: set[str], only=None) -> list[dict]:
+    """Every fusedstab backend: whether it ran in this run and why not (``planned``: the providers of
+    the run's cases, ``ran``: those with result rows). Backend names come from fusedstab itself, so
+    new ones appear here without changes."""
+    api = fusedstab_api()
+    if isinstance(api, str):
+        return [{"name": "*", "provider": "fusedstab-*", "available": False, "ran": False, "why": api}]
+    fs = api[0]
+    available = tuple(fs.available_backends())  # now: TRITON_INTERPRET may have changed since
+    names = tuple(getattr(importlib.import_module("fusedstab.backend"), "BACKENDS", ())) or available
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    out = []
+    for name in dict.fromkeys((*names, *available)):
+        label = f"fusedstab-{name}"
+        why = None
+        if label in ran:
+            pass
+        elif name == "triton" and device == "cpu":
+            why = ("needs a CUDA GPU; on CPU it runs only through the Triton interpreter "
+                   "(TRITON_INTERPRET=1 set before triton is imported), for tests" if not interpret else
+                   "the Triton interpreter is on, but no case was small enough for it")
+        elif name == "triton":
+            why = "not available: triton is not importable" if name not in available else None
+        elif name == "cuda" and device == "cpu":
+            why = "needs a CUDA GPU" + ("" if name in available else " and fusedstab's C++/CUDA extension")
+        elif name == "cpu" and device == "cuda":
+            why = "serves CPU tensors; this run is on the GPU"
+        elif name in ("cuda", "cpu") and name not in available:
+            why = "needs fusedstab's C++ extension, which is not built or not loadable in this process"
+        elif name not in available:
+            why = "not available in this process"
+        if why is None and label not in ran:
+            why = ("not selected (--providers)" if only and label not in only else
+                   "every call failed: see the notes" if label in planned else "no case of this run has it")
+        out.append({"name": name, "provider": label, "available": name in available, "ran": label in ran,
+                    "why": why, "what": about(label)})
+    return out
