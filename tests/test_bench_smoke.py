@@ -8,6 +8,7 @@ GPU variant runs fusedstab-triton for real."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -124,3 +125,23 @@ def test_activation_bytes_and_flops_model():
     bwd = (M * N + M * K + N * K + M * N + M * K + N * K) * e + N * e  # read dy, x, w, y; write dx, dw, db
     assert linear_bench.linear_bytes_model(M, K, N, e, e) == {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}
     assert linear_bench.linear_flops(M, K, N) == {"fwd": 2 * M * N * K, "bwd": 4 * M * N * K, "fwd+bwd": 6 * M * N * K}
+
+
+def test_help():
+    """Plain text (no reST markup), the ops and the providers listed once each, examples; no torch
+    import beyond what ``import fusedstab`` does before the arguments are parsed."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    p = subprocess.run([sys.executable, "-m", "fusedstab.bench", "--help"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    assert "``" not in out and ":mod:" not in out and ":func:" not in out
+    for op in OPS:  # once each: in the list of ops, not in --ops' usage too
+        assert len(re.findall(rf"^\s+{op}\s", out, re.M)) == 1, op
+    for name in ("eager", "compile", "fusedstab-torch", "fusedstab-triton", "eager-loop", "matmul"):
+        assert len(re.findall(rf"^\s+{name}\s", out, re.M)) == 1, name
+    assert "{layer_norm," not in out and "{fwd," not in out  # no choices list in the usage or the options
+    assert "\nexamples:\n" in out and "python -m fusedstab.bench --tiny" in out
+    bad = subprocess.run([sys.executable, "-m", "fusedstab.bench", "--providers", "nope"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown provider 'nope'" in bad.stderr and "fusedstab-torch" in bad.stderr
