@@ -9,6 +9,7 @@ from pathlib import Path
 
 from . import OPS
 
+FIGURE_S = 1.2  # seconds to draw and write one op's figure on a 2-core CPU (matplotlib, Agg)
 MODES_HELP = "fwd, bwd, fwd+bwd (every op but clip_grad_norm); norm, clip (clip_grad_norm)"
 DESCRIPTION = """\
 Time fusedstab's ops against eager PyTorch, torch.compile and installed peers, forward and
@@ -119,7 +120,8 @@ def main(argv=None) -> int:
                  rows_n=tuple(a.n) if a.n else None, target_mib=a.size_mib)
     prog = Progress()
     try:
-        res = run(cfg, a.ops, modes=a.modes, only=a.providers, log=prog.log, progress=prog)
+        figures_s = 0.0 if a.plot == "none" else FIGURE_S * len(a.ops)
+        res = run(cfg, a.ops, modes=a.modes, only=a.providers, log=prog.log, progress=prog, extra_s=figures_s)
         out = a.out or Path("benchmarks/results" if device == "cuda" else "bench-results")
         paths = write(res, out, plot=a.plot, log=prog.log)
         prog.log(f"done in {duration(time.monotonic() - t0)}")

@@ -67,7 +67,7 @@ class Case:
     count_launches: bool = False  # on CUDA: count kernel launches and host syncs of one call per row
     desc: str = ""
     """The shape in the units users use, under the op's ``OpInfo.shape`` heading: "64 x 512"
-    (tokens x hidden), "4x16x16x16 NCHW, 4 groups", "gpt2-tiny: 28 tensors, 43.9K params"."""
+    (tokens x hidden), "4x16x16x16, 4 groups, channels_last +SiLU", "gpt2-tiny: 28 tensors, 43.9K params"."""
     x: float | None = None
     """Where the case sits on its plot's size axis (``OpInfo.x`` names it), e.g. the hidden size;
     None: the op's cases are categories (grouped bars, labelled by ``desc``)."""

@@ -196,7 +196,7 @@ def figure(res: dict, op: str):
         handles.append(Line2D([], [], color=ROOF, ls="--", lw=1, label=roof_label))
     if sp_provs:
         handles.append(Line2D([], [], color=style("eager")[0], lw=1.2, label="eager = 1x"))
-    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4), fontsize=9, frameon=False)
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), fontsize=9, frameon=False)
     m = res["meta"]
     machine = (f"{m['device_name']}" + (f" ({m['torch_threads']} threads)" if m["device"] == "cpu" else "")
                + f" | {m['dtype']} | torch {m['torch']} | triton {m['triton']} | {m['date'][:10]}"

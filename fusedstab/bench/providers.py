@@ -102,8 +102,8 @@ ABOUT = {
     "sdpa-math": "F.scaled_dot_product_attention forced onto its math backend (materializes L x L)",
 }
 BACKEND_ABOUT = {
-    "triton": "fusedstab's Triton kernels (on CPU only through the Triton interpreter: a correctness "
-              "check, its times mean nothing)",
+    "triton": "fusedstab's Triton kernels (on CPU through the Triton interpreter: a correctness check, "
+              "its times mean nothing)",
     "cuda": "fusedstab's C++/CUDA kernels",
     "cpu": "fusedstab's C++ CPU kernels",
     "torch": "fusedstab's eager reference (fusedstab/reference.py), what fusedstab runs where no "
@@ -124,7 +124,8 @@ def backends(device: str, planned: set[str], ran: set[str], only=None) -> list[d
     new ones appear here without changes."""
     api = fusedstab_api()
     if isinstance(api, str):
-        return [{"name": "*", "provider": "fusedstab-*", "available": False, "ran": False, "why": api}]
+        return [{"name": "*", "provider": "fusedstab-*", "available": False, "ran": False, "why": api,
+                 "what": "fusedstab"}]
     fs = api[0]
     available = tuple(fs.available_backends())  # now: TRITON_INTERPRET may have changed since
     names = tuple(getattr(importlib.import_module("fusedstab.backend"), "BACKENDS", ())) or available
@@ -136,9 +137,8 @@ def backends(device: str, planned: set[str], ran: set[str], only=None) -> list[d
         if label in ran:
             pass
         elif name == "triton" and device == "cpu":
-            why = ("needs a CUDA GPU; on CPU it runs only through the Triton interpreter "
-                   "(TRITON_INTERPRET=1 set before triton is imported), for tests" if not interpret else
-                   "the Triton interpreter is on, but no case was small enough for it")
+            why = ("needs a CUDA GPU, or TRITON_INTERPRET=1 set before triton is imported (for tests)"
+                   if not interpret else "the Triton interpreter is on, but no case was small enough for it")
         elif name == "triton":
             why = "not available: triton is not importable" if name not in available else None
         elif name == "cuda" and device == "cpu":

@@ -150,7 +150,7 @@ def markdown(res: dict, figures: dict[str, str]) -> str:
         info = res.get("ops", {}).get(op, {})
         out += [f"## {op}", ""]
         if info.get("what"):
-            out += [f"Timed: `{info['what']}`." + (f" fusedstab fuses {info['fuses']}." if info.get("fuses") else ""), ""]
+            out += [f"Timed: `{info['what']}`." + (f" fusedstab's kernel fuses {info['fuses']}." if info.get("fuses") else ""), ""]
         if op in figures:
             out += [f"![{op}]({figures[op]})", ""]
         provs = providers_in(rows)

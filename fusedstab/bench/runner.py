@@ -24,30 +24,33 @@ SCHEMA = 2  # 2: rows carry "desc" (and "pct_matmul"); providers, backends, ops,
 # Max relative error vs eager (max |a-b| / max |b| per tensor) above which a row is flagged.
 TOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
-# Seconds per timed row and per torch.compile warm-up row, for the estimate in the run's first line
-# and the ETA before rows have been timed. CPU: measured with the quick set on 2 idle cores (AMD EPYC,
-# torch 2.13): 357 rows in ~1 min warm, ~7 min cold. GPU: not measured yet, a guess from do_bench's
-# warm-up + reps (quick: 50 ms, full: 125 ms) and inductor + Triton compile times.
-ROW_S = {"cpu": 0.12, "cuda": 0.4}
+# Seconds per timed row (quick, full) and per torch.compile warm-up, for the estimate in the run's
+# first line and the ETA before rows have been timed. CPU: measured with the quick set on 2 cores
+# (AMD EPYC, torch 2.13; see the README). GPU: not measured yet, a guess from do_bench's warm-up +
+# reps (quick: 50 ms, full: 125 ms) and inductor + Triton compile times.
+ROW_S = {"cpu": (0.12, 0.25), "cuda": (0.2, 0.35)}
+TINY_ROW_S = {"cpu": 0.03, "cuda": 0.2}  # one call per row (the Triton interpreter's: seconds)
 COMPILE_S = {"cpu": {"warm": 0.3, "cold": 3.4}, "cuda": {"warm": 2.0, "cold": 15.0}}
-TINY_ROW_S = {"cpu": 0.06, "cuda": 0.2}  # one call per row; most of it the Triton interpreter's
+SETUP_S = 5.0  # python, torch and fusedstab imports, the yardsticks
 
 
 def estimate(cfg: Config, rows: int, compile_rows: int) -> dict:
     """Seconds the timing will take, with a warm and a cold torch.compile cache."""
-    row = (TINY_ROW_S if cfg.tiny else ROW_S)[cfg.device] * (1 if cfg.quick or cfg.tiny else 2)
-    plain = (rows - compile_rows) * row
+    row = TINY_ROW_S[cfg.device] if cfg.tiny else ROW_S[cfg.device][0 if cfg.quick else 1]
+    plain = rows * row
     c = COMPILE_S[cfg.device]
-    return {"warm": plain + compile_rows * (row + c["warm"]), "cold": plain + compile_rows * (row + c["cold"])}
+    return {"warm": plain + compile_rows * c["warm"], "cold": plain + compile_rows * c["cold"]}
 
 
-def run(cfg: Config, ops: list[str], modes=None, only=None, log=print, progress: Progress | None = None) -> dict:
+def run(cfg: Config, ops: list[str], modes=None, only=None, log=print, progress: Progress | None = None,
+        extra_s: float = 0.0) -> dict:
     """Time every case of ``ops``; ``only``: provider names to keep; ``log``: a line of text;
-    ``progress``: the bar and ETA (a silent one when None)."""
+    ``progress``: the bar and ETA (a silent one when None); ``extra_s``: seconds the caller adds
+    after the timing (the figures), for the estimate in the first line."""
     if progress is None:
         progress = Progress(stream=io.StringIO(), tty=False)
         try:
-            return run(cfg, ops, modes, only, log, progress)
+            return run(cfg, ops, modes, only, log, progress, extra_s)
         finally:
             progress.close()
     t_start, prog = time.monotonic(), progress
@@ -62,7 +65,7 @@ def run(cfg: Config, ops: list[str], modes=None, only=None, log=print, progress:
     serves = lambda case, name, mode: case.providers[name].modes is None or mode in case.providers[name].modes
     total = sum(serves(c, p, m) for c, ms, ps in plan for m in ms for p in ps)
     n_compile = sum(serves(c, "compile", m) for c, ms, ps in plan if "compile" in ps for m in ms)
-    est = estimate(cfg, total, n_compile)
+    est = {k: v + extra_s + SETUP_S for k, v in estimate(cfg, total, n_compile).items()}
     what = "tiny set: checks that every provider runs, times nothing" if cfg.tiny else \
         "quick set" if cfg.quick else "full sweep"
     when = (f"about {duration(est['warm'])}" if not n_compile else
@@ -70,7 +73,7 @@ def run(cfg: Config, ops: list[str], modes=None, only=None, log=print, progress:
             f"(the first run on a machine compiles {n_compile} graphs)")
     log(f"fusedstab.bench: {total} timings of {len(ops)} ops on {cfg.device} ({dtype_name(cfg.dtype)}, {what}): "
         f"{when}" + ("; estimated for 2 idle CPU cores" if cfg.device == "cpu" else "; a rough estimate"))
-    prog.prior = {True: COMPILE_S[cfg.device]["cold"], False: est["warm"] / max(total, 1)}
+    prog.prior = {True: COMPILE_S[cfg.device]["cold"], False: estimate(cfg, 1, 0)["warm"]}
     prog.plan(n_compile, total - n_compile)
 
     log("measuring the copy bandwidth and a matmul (the yardsticks) ...")
@@ -162,7 +165,7 @@ def _measure(case: Case, mode: str, name: str, cfg: Config, ref):
         out = as_tuple(out)
         err = None if ref is None or not prov.check else _rel_err(out, ref)
         ms = first_ms if cfg.tiny else time_ms(thunk, cfg.device, quick=cfg.quick)
-        work = launches_and_syncs(thunk) if case.count_launches and cfg.device == "cuda" and not cfg.tiny else None
+        work = launches_and_syncs(thunk) if case.count_launches and cfg.device == "cuda" else None
     row = {"op": case.op, "case": case.label, "desc": case.desc, "mode": mode, "provider": name, **case.params,
            "ms": ms, "bytes": case.bytes_moved[mode], "max_rel_err": err}
     if work is not None:
