@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import OPS
 
-FIGURE_S = 1.2  # seconds to draw and write one op's figure on a 2-core CPU (matplotlib, Agg)
+FIGURE_S = 1.3  # seconds to draw and write one op's figure on a 2-core CPU (matplotlib, Agg)
 MODES_HELP = "fwd, bwd, fwd+bwd (every op but clip_grad_norm); norm, clip (clip_grad_norm)"
 DESCRIPTION = """\
 Time fusedstab's ops against eager PyTorch, torch.compile and installed peers, forward and
@@ -17,8 +17,8 @@ backward. Prints a report (machine, yardsticks, what each provider is, one table
 summary) and writes it as JSON, text, a Markdown page and one figure per op.
 
 On a GPU: the full sweep in bf16, into benchmarks/results/. On CPU: a quick fp32 set into
-bench-results/: about 1 min with a warm torch.compile cache, about 7 min on the first run
-(2 cores); --no-compile: about 40 s."""
+bench-results/: on 2 idle cores about 45 s with a warm torch.compile cache, about 4 min on the
+first run; --no-compile: about 25 s. The first line of a run gives its own estimate."""
 
 EXAMPLES = """\
 examples:

@@ -8,8 +8,10 @@ Lists (one dtype each, the run's ``--dtype``):
               and load balance over many tensors of very different sizes
   gpt-1.3b    the same transformer layout at d=2048, 24 layers, vocab 50257, context 2048:
               292 tensors, 1.31B elements (GPU only: the bandwidth case)
-On CPU by default (quick) the same layouts scaled down (gpt2-tiny d=32, 2 layers; mixed-1000 of sizes
-1..256; gpt-small d=256, 4 layers), the first small enough for the Triton interpreter.
+On CPU by default (quick) the same layouts scaled down (gpt2-tiny d=32, 2 layers; mixed-100, 100
+tensors of sizes 1..256; gpt-small d=256, 4 layers), the first small enough for the Triton
+interpreter. 100 tensors, not 1000, on CPU: torch.compile's graph grows with the list, and compiling
+the clip of 1000 tensors took minutes of a cold run (mixed-100: about 40 s of CPU time).
 
 Modes (``CLIP_MODES``):
   norm  ``get_total_norm`` of every gradient             bytes = read each grad once       = N*e
@@ -69,7 +71,7 @@ def model_lists(cfg: Config) -> list[tuple[str, list[tuple[int, ...]]]]:
     if cfg.tiny:
         return [("tiny", [(3,), (17, 5), (1,), (64,), (1021,), (2, 3)])]
     if cfg.device == "cpu" and cfg.quick:
-        return [("gpt2-tiny", transformer(512, 64, 32, 2)), ("mixed-1000", mixed(1000, 1, 256)),
+        return [("gpt2-tiny", transformer(512, 64, 32, 2)), ("mixed-100", mixed(100, 1, 256)),
                 ("gpt-small", transformer(8192, 256, 256, 4))]
     lists = [("gpt2-small", transformer(50257, 1024, 768, 12)), ("mixed-1000", mixed(1000, 16, 1 << 20))]
     if cfg.device == "cuda":

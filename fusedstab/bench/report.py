@@ -155,7 +155,7 @@ def markdown(res: dict, figures: dict[str, str]) -> str:
             out += [f"![{op}]({figures[op]})", ""]
         provs = providers_in(rows)
         flops = compute_bound(rows)
-        out += ["ms per call and speedup vs eager" + (" (TFLOP/s)" if flops else "") + ":", ""]
+        out += ["ms per call (speedup vs eager" + (", TFLOP/s" if flops else "") + "):", ""]
         out.append("| " + " | ".join([info.get("shape", "shape"), "mode", *provs]) + " |")
         out.append("|" + "---|" * (len(provs) + 2))
         for case in dict.fromkeys(r["case"] for r in rows):
@@ -171,7 +171,7 @@ def markdown(res: dict, figures: dict[str, str]) -> str:
                     if p != "eager" and r["speedup_vs_eager"]:
                         cell += f" ({r['speedup_vs_eager']:.2f}x)"
                     if flops and r.get("tflops") is not None:
-                        cell += f" {r['tflops']:.3g}T"
+                        cell += f", {r['tflops']:.3g} TFLOP/s"
                     cells.append(cell)
                 desc = next(iter(by.values())).get("desc") or case
                 out.append("| " + " | ".join([desc, mode, *cells]) + " |")

@@ -25,13 +25,15 @@ SCHEMA = 2  # 2: rows carry "desc" (and "pct_matmul"); providers, backends, ops,
 TOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 # Seconds per timed row (quick, full) and per torch.compile warm-up, for the estimate in the run's
-# first line and the ETA before rows have been timed. CPU: measured with the quick set on 2 cores
-# (AMD EPYC, torch 2.13; see the README). GPU: not measured yet, a guess from do_bench's warm-up +
-# reps (quick: 50 ms, full: 125 ms) and inductor + Triton compile times.
-ROW_S = {"cpu": (0.12, 0.25), "cuda": (0.2, 0.35)}
-TINY_ROW_S = {"cpu": 0.03, "cuda": 0.2}  # one call per row (the Triton interpreter's: seconds)
-COMPILE_S = {"cpu": {"warm": 0.3, "cold": 3.4}, "cuda": {"warm": 2.0, "cold": 15.0}}
-SETUP_S = 5.0  # python, torch and fusedstab imports, the yardsticks
+# first line and the ETA before rows have been timed. CPU: measured with the quick set as CPU time
+# (user + sys: the wall-clock time of 2 idle cores, as a run at load 1.5 showed) on a 2-core AMD
+# EPYC, torch 2.13: 246 rows without compile in 7.5 s; 111 compile warm-ups 0.15 s each with a warm
+# cache, 1.7 s cold. GPU: not measured yet, a guess from do_bench's warm-up + reps (quick: 50 ms,
+# full: 125 ms) and inductor + Triton compile times.
+ROW_S = {"cpu": (0.03, 0.06), "cuda": (0.2, 0.35)}
+TINY_ROW_S = {"cpu": 0.02, "cuda": 0.2}  # one call per row (the Triton interpreter's: seconds)
+COMPILE_S = {"cpu": {"warm": 0.15, "cold": 1.8}, "cuda": {"warm": 2.0, "cold": 15.0}}
+SETUP_S = 5.0  # python, torch and fusedstab imports (twice on CPU: OMP_WAIT_POLICY), the yardsticks
 
 
 def estimate(cfg: Config, rows: int, compile_rows: int) -> dict:
