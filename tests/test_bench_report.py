@@ -175,18 +175,18 @@ def test_summary_geomean():
 
 
 def test_backends_say_why_not(monkeypatch):
-    """On CPU without the interpreter, only the CPU backends can run: the others say why not."""
+    """On CPU without the interpreter the Triton backend cannot run: the table says why, and so for
+    every backend that did not run, whatever fusedstab's backends are."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     bs = {b["name"]: b for b in providers.backends("cpu", {"fusedstab-torch"}, {"fusedstab-torch"})}
     assert {"triton", "torch"} <= set(bs)  # and whatever else fusedstab has (cuda, cpu)
     assert bs["torch"]["ran"] and bs["torch"]["why"] is None
-    assert not bs["triton"]["ran"] and "CUDA" in bs["triton"]["why"] and "TRITON_INTERPRET=1" in bs["triton"]["why"]
+    assert not bs["triton"]["ran"] and "TRITON_INTERPRET=1" in bs["triton"]["why"]
     for b in bs.values():
         assert b["ran"] or b["why"], b
         assert b["what"] and b["provider"] == f"fusedstab-{b['name']}"
-    if "cuda" in bs:
-        assert "GPU" in bs["cuda"]["why"]
-    if "cpu" in bs and not bs["cpu"]["available"]:
-        assert "C++ extension" in bs["cpu"]["why"]
+    assert sum(b["default"] for b in bs.values()) <= 1  # the automatic choice, where fusedstab says it
     only = providers.backends("cpu", {"fusedstab-torch"}, set(), only=["eager"])
     assert next(b for b in only if b["name"] == "torch")["why"] == "not selected (--providers)"
+    failed = providers.backends("cpu", {"fusedstab-torch"}, set())
+    assert next(b for b in failed if b["name"] == "torch")["why"] == "every call failed: see the notes"

@@ -54,13 +54,10 @@ def fusedstab_providers(make_fn: Callable[[object], Callable], cfg: Config, nume
         return {}, {"fusedstab-*": api}
     fs, ff, backends = api
     provs, skipped = {}, {}
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
     for name in backends:
         label = f"fusedstab-{name}"
-        if (cfg.device, name) in (("cuda", "cpu"), ("cpu", "cuda")):
-            continue
-        if cfg.device == "cpu" and name == "triton" and not interpret:
-            continue  # available for CUDA tensors only
+        if unavailable(name, cfg.device) is not None:
+            continue  # the report's backend table says why
         if cfg.device == "cpu" and name == "triton" and numel > INTERPRET_MAX_ELEMS:
             skipped[label] = f"Triton interpreter on CPU: only shapes up to {INTERPRET_MAX_ELEMS} elements"
             continue
@@ -102,8 +99,7 @@ ABOUT = {
     "sdpa-math": "F.scaled_dot_product_attention forced onto its math backend (materializes L x L)",
 }
 BACKEND_ABOUT = {
-    "triton": "fusedstab's Triton kernels (on CPU through the Triton interpreter: a correctness check, "
-              "its times mean nothing)",
+    "triton": "fusedstab's Triton kernels",
     "cuda": "fusedstab's C++/CUDA kernels",
     "cpu": "fusedstab's C++ CPU kernels",
     "torch": "fusedstab's eager reference (fusedstab/reference.py), what fusedstab runs where no "
@@ -118,40 +114,56 @@ def about(name: str) -> str:
     return ABOUT.get(name, "a peer library")
 
 
-def backends(device: str, planned: set[str], ran: set[str], only=None) -> list[dict]:
-    """Every fusedstab backend: whether it ran in this run and why not (``planned``: the providers of
-    the run's cases, ``ran``: those with result rows). Backend names come from fusedstab itself, so
-    new ones appear here without changes."""
+def unavailable(name: str, device: str) -> str | None:
+    """Why fusedstab's backend ``name`` cannot serve ``device`` tensors in this process (None: it can).
+    fusedstab's own answer (``fusedstab.backend.unavailable``) where it has one; else these rules."""
+    fb = importlib.import_module("fusedstab.backend")
+    if hasattr(fb, "unavailable"):
+        try:
+            return fb.unavailable(name, device)
+        except Exception as e:  # e.g. a name this fusedstab does not know
+            return f"{type(e).__name__}: {e}"
+    available = name in fb.available_backends()
+    if name == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "needs a CUDA GPU, or TRITON_INTERPRET=1 set before triton is imported (for tests)"
+    if (name, device) in (("cuda", "cpu"), ("cpu", "cuda")):
+        return f"the {name} backend does not serve {device} tensors"
+    if name in ("cuda", "cpu") and not available:
+        return "needs fusedstab's C++ extension, which is not built or not loadable in this process"
+    return None if available else "not available in this process"
+
+
+def backends(device: str, planned: set[str], ran: set[str], only=None, unimplemented=frozenset()) -> list[dict]:
+    """Every fusedstab backend: what it is, whether it ran in this run (``planned``: the providers of
+    the run's cases, ``ran``: those with result rows), why not, and whether the automatic choice
+    takes it on ``device`` (``default``). Names, reasons and the automatic order come from fusedstab
+    itself where it says them, so new backends appear here without changes."""
     api = fusedstab_api()
     if isinstance(api, str):
         return [{"name": "*", "provider": "fusedstab-*", "available": False, "ran": False, "why": api,
-                 "what": "fusedstab"}]
+                 "what": "fusedstab", "default": False}]
     fs = api[0]
+    fb = importlib.import_module("fusedstab.backend")
     available = tuple(fs.available_backends())  # now: TRITON_INTERPRET may have changed since
-    names = tuple(getattr(importlib.import_module("fusedstab.backend"), "BACKENDS", ())) or available
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    names = tuple(getattr(fb, "BACKENDS", ())) or available
+    why_not = {name: unavailable(name, device) for name in dict.fromkeys((*names, *available))}
+    auto = getattr(fb, "AUTO", {}).get(device, ())  # the automatic choice's order, where fusedstab says it
+    default = next((n for n in auto if why_not.get(n, "?") is None), None)
     out = []
-    for name in dict.fromkeys((*names, *available)):
+    for name, why in why_not.items():
         label = f"fusedstab-{name}"
-        why = None
         if label in ran:
-            pass
-        elif name == "triton" and device == "cpu":
-            why = ("needs a CUDA GPU, or TRITON_INTERPRET=1 set before triton is imported (for tests)"
-                   if not interpret else "the Triton interpreter is on, but no case was small enough for it")
-        elif name == "triton":
-            why = "not available: triton is not importable" if name not in available else None
-        elif name == "cuda" and device == "cpu":
-            why = "needs a CUDA GPU" + ("" if name in available else " and fusedstab's C++/CUDA extension")
-        elif name == "cpu" and device == "cuda":
-            why = "serves CPU tensors; this run is on the GPU"
-        elif name in ("cuda", "cpu") and name not in available:
-            why = "needs fusedstab's C++ extension, which is not built or not loadable in this process"
-        elif name not in available:
-            why = "not available in this process"
-        if why is None and label not in ran:
-            why = ("not selected (--providers)" if only and label not in only else
-                   "every call failed: see the notes" if label in planned else "no case of this run has it")
+            why = None
+            if name == "triton" and device == "cpu":
+                why = ("ran through the Triton interpreter (TRITON_INTERPRET=1), on the smallest shapes only: "
+                       "a correctness check, its times mean nothing")
+        elif why is None:
+            if name == "triton" and device == "cpu":
+                why = "the Triton interpreter is on, but no case was small enough for it"
+            else:
+                why = ("not selected (--providers)" if only and label not in only else
+                       "has none of the timed ops yet" if label in unimplemented else
+                       "every call failed: see the notes" if label in planned else "no case of this run has it")
         out.append({"name": name, "provider": label, "available": name in available, "ran": label in ran,
-                    "why": why, "what": about(label)})
+                    "default": name == default, "why": why, "what": about(label)})
     return out

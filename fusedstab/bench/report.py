@@ -54,7 +54,7 @@ def header(res: dict) -> str:
         lines.append(f"fusedstab backends on {m['device']} (fusedstab.available_backends(): "
                      f"{', '.join(b['name'] for b in res['backends'] if b['available']) or 'none'}):")
         for b in res["backends"]:
-            text = b["what"] + (f": {b['why']}" if b["why"] else "")
+            text = b["what"] + (" (the default here)" if b.get("default") else "") + (f": {b['why']}" if b["why"] else "")
             lines += _wrapped(f"  {'ran' if b['ran'] else 'not run':8}{b['name']:8}", text)
     if res.get("providers"):
         lines.append("providers:")

@@ -86,7 +86,7 @@ def run(cfg: Config, ops: list[str], modes=None, only=None, log=print, progress:
     log(f"copy bandwidth: {copy['gbps']:.1f} GB/s ({copy['buffer_mib']} MiB buffer, read + write)"
         + (f"; matmul {peak['n']}^3 {peak['dtype']}: {peak['tflops']:.3g} TFLOP/s" if peak else ""))
 
-    rows, i, warned = [], 0, False
+    rows, i, warned, unimplemented = [], 0, False, set()
     for case, case_modes, names in plan:
         if "compile" in names:
             torch._dynamo.reset()  # fresh cache per shape: never hit the recompile limit and fall back
@@ -105,6 +105,12 @@ def run(cfg: Config, ops: list[str], modes=None, only=None, log=print, progress:
                     row, out = _measure(case, mode, name, cfg, ref)
                 except Exception as e:  # e.g. compile without a compiler, a peer's signature, OOM
                     msg = f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0][:200]
+                    if type(e).__name__ == "BackendError" and "no implementation" in str(e):
+                        # a fusedstab backend that does not have this op (yet): not a failure
+                        notes[f"{name}: no implementation of {case.op} on this backend"] = None
+                        unimplemented.add(name)
+                        prog.end(f"{prefix} skipped: {msg}")
+                        continue
                     notes[f"{name} {mode} {case.label}: failed: {msg}"] = None
                     prog.end(f"{prefix} FAILED {msg}")
                     if cfg.device == "cuda":
@@ -126,12 +132,13 @@ def run(cfg: Config, ops: list[str], modes=None, only=None, log=print, progress:
                          + ("" if err is None else f" err {err:.1e}")
                          + (f" {row['launches']} launches" if row.get("launches") is not None else "")
                          + (f" {row['syncs']} syncs" if row.get("syncs") else ""))
-    return result(cfg, cases, plan, rows, notes, copy, peak, only,
+    return result(cfg, cases, plan, rows, notes, copy, peak, only, unimplemented=unimplemented,
                   elapsed_s=time.monotonic() - t_start, estimate_s=est)
 
 
 def result(cfg: Config, cases: list[Case], plan: list, rows: list[dict], notes: dict, copy: dict,
-           peak: dict | None, only=None, elapsed_s: float | None = None, estimate_s: dict | None = None) -> dict:
+           peak: dict | None, only=None, unimplemented: set = frozenset(), elapsed_s: float | None = None,
+           estimate_s: dict | None = None) -> dict:
     """The run's result, as JSON and the reports take it (``SCHEMA``): meta (machine, versions, date,
     options), the yardsticks, what each provider is, the fusedstab backends (ran or why not), the ops
     and cases (shapes in users' units, plot positions), the rows, the notes."""
@@ -150,7 +157,7 @@ def result(cfg: Config, cases: list[Case], plan: list, rows: list[dict], notes: 
     ops = list(dict.fromkeys(c.op for c in cases))
     return {"schema": SCHEMA, "meta": environment(cfg), "copy_bandwidth": copy, "matmul_peak": peak,
             "providers": {p: about(p) for p in provs},
-            "backends": backends(cfg.device, planned, ran, only),
+            "backends": backends(cfg.device, planned, ran, only, unimplemented),
             "ops": {op: {k: v for k, v in OPS[op]._asdict().items() if k != "target"} for op in ops if op in OPS},
             "cases": {c.label: {"op": c.op, "desc": c.desc, "x": c.x, "series": c.series} for c in cases},
             "rows": rows, "notes": list(notes),
