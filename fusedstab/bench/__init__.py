@@ -33,7 +33,7 @@ OPS: dict[str, OpInfo] = {
     "add_layer_norm": OpInfo("fusedstab.bench.layer_norm:add_layer_norm",
                              "h = x + residual; F.layer_norm(h, (hidden,), w, b), h",
                              "tokens x hidden", "hidden size (row length)",
-                             "the residual add into the LayerNorm kernel (h written once, never re-read)"),
+                             "the residual add into the LayerNorm pass (h written with y, not re-read)"),
     "clip_grad_norm": OpInfo("fusedstab.bench.clip_grad_norm:clip_grad_norm",
                              "torch.nn.utils.get_total_norm (norm) and clip_grad_norm_ (clip)",
                              "parameter list", "",
