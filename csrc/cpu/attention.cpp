@@ -323,6 +323,42 @@ void attention_fwd_impl(const Problem& pr, View<const T> q, View<const T> k, Vie
 }
 
 // ----------------------------------------------------------------------------- backward
+// P = exp(scale q k^T + mask - lse) of one tile (bm queries from m0, bn keys from n0) into s (bm x bn);
+// 0 on fully masked rows (lse = -inf).
+template <typename T, typename A>
+void probs_tile(const Problem& pr, A* s, const A* qa, int64_t ldq, const A* ka, int64_t ldk, const A* lse_rows,
+                int64_t bm, int64_t bn, int64_t b, int64_t h, int64_t m0, int64_t n0) {
+  gemm<A>(kT, kN, bn, bm, pr.E, A(pr.scale), ka, ldk, qa, ldq, A(0), s, bn);
+  mask_scores<T>(pr, s, bm, bn, b, h, m0, n0);
+  for (int64_t r = 0; r < bm; ++r) {
+    A* p = s + r * bn;
+    const A lse_r = lse_rows[r];
+    if (lse_r == kNegInf<A>)
+      std::fill(p, p + bn, A(0));
+    else if (std::isfinite(lse_r))
+      exp_shifted(p, bn, lse_r);
+    else
+      exp_shifted_slow(p, bn, lse_r);
+  }
+}
+
+// dP = dO v^T of one tile into dp; under dropout times keep / (1 - p), and pd = P keep / (1 - p).
+template <typename A>
+void dprobs_tile(const Problem& pr, A* dp, A* pd, const A* p, const A* da, int64_t ldd, const A* va, int64_t ldv,
+                 int64_t bm, int64_t bn, int64_t b, int64_t h, int64_t m0, int64_t n0, uint8_t* keep) {
+  gemm<A>(kT, kN, bn, bm, pr.Ev, A(1), va, ldv, da, ldd, A(0), dp, bn);
+  if (pr.dropout_p <= 0.f) return;
+  const A drop_scale = pr.dropout_p < 1.f ? A(1) / (A(1) - A(pr.dropout_p)) : A(0);
+  for (int64_t r = 0; r < bm; ++r) {
+    keep_row(pr, b, h, m0 + r, n0, bn, keep);
+    for (int64_t j = 0; j < bn; ++j) {
+      const A f = keep[j] ? drop_scale : A(0);
+      dp[r * bn + j] *= f;
+      if (pd != nullptr) pd[r * bn + j] = p[r * bn + j] * f;
+    }
+  }
+}
+
 template <typename T>
 void attention_bwd_impl(const Problem& pr, View<const T> dout, View<const T> q, View<const T> k, View<const T> v,
                         View<const T> o, const acc_t<T>* lse, View<T> dq, View<T> dk, View<T> dv,
@@ -330,21 +366,55 @@ void attention_bwd_impl(const Problem& pr, View<const T> dout, View<const T> q, 
   using A = acc_t<T>;
   const int64_t B = pr.B, Hq = pr.Hq, Hkv = pr.Hkv, G = pr.G, L = pr.L, S = pr.S, E = pr.E, Ev = pr.Ev;
   const bool dropout = pr.dropout_p > 0.f;
-  const A drop_scale = pr.dropout_p < 1.f ? A(1) / (A(1) - A(pr.dropout_p)) : A(0), scale = A(pr.scale);
+  const A scale = A(pr.scale);
 
-  // delta = rowsum(dout * o) = rowsum(P * dP) (dropout included).
+  // delta = rowsum(P * dP) (dropout included) = rowsum(dout * o) in exact arithmetic. For fp32/fp64 from
+  // o; a 2-byte o is rounded (its delta would put dq, dk at ~3x the error of torch's fp32 math path), so
+  // there a first pass over the keys sums P * dP in fp32 (FlashAttention's "precise" delta: +40% GEMMs).
   std::vector<A> delta(B * Hq * L);
-  at::parallel_for(0, B * Hq * L, 256, [&](int64_t begin, int64_t end) {
-    std::vector<A> a(Ev), c(Ev);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t bh = r / L, i = r % L;
-      widen(dout.row(bh / Hq, bh % Hq, i), a.data(), Ev);
-      widen(o.row(bh / Hq, bh % Hq, i), c.data(), Ev);
-      A d = A(0);
-      for (int64_t e = 0; e < Ev; ++e) d += a[e] * c[e];
-      delta[r] = d;
-    }
-  });
+  if constexpr (std::is_same_v<T, A>) {
+    at::parallel_for(0, B * Hq * L, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t bh = r / L, i = r % L;
+        const A* a = dout.row(bh / Hq, bh % Hq, i);
+        const A* c = o.row(bh / Hq, bh % Hq, i);
+        A d = A(0);
+        for (int64_t e = 0; e < Ev; ++e) d += a[e] * c[e];
+        delta[r] = d;
+      }
+    });
+  } else {
+    const int64_t nmb = divup(L, kBBlockM);
+    at::parallel_for(0, B * Hq * nmb, 1, [&](int64_t begin, int64_t end) {
+      Scratch<A> qbuf(kBBlockM * E), dobuf(kBBlockM * Ev), kbuf(kBBlockN * E), vbuf(kBBlockN * Ev),
+          s(kBBlockM * kBBlockN), dp(kBBlockM * kBBlockN);
+      std::vector<uint8_t> keep(kBBlockN);
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t bh = idx / nmb, b = bh / Hq, h = bh % Hq, hk = h / G, m0 = idx % nmb * kBBlockM;
+        const int64_t bm = std::min(kBBlockM, L - m0);
+        int64_t ldq, ldd, ldk, ldv;
+        const A* qa = as_acc(q.row(b, h, m0), q.sr, bm, E, qbuf.data(), &ldq);
+        const A* da = as_acc(dout.row(b, h, m0), dout.sr, bm, Ev, dobuf.data(), &ldd);
+        A* drow = delta.data() + bh * L + m0;
+        std::fill_n(drow, bm, A(0));
+        const int64_t hi = pr.causal ? std::min(S, m0 + bm) : S;
+        for (int64_t n0 = 0; n0 < hi; n0 += kBBlockN) {
+          const int64_t bn = std::min(kBBlockN, hi - n0);
+          const A* ka = as_acc(k.row(b, hk, n0), k.sr, bn, E, kbuf.data(), &ldk);
+          const A* va = as_acc(v.row(b, hk, n0), v.sr, bn, Ev, vbuf.data(), &ldv);
+          probs_tile<T>(pr, s.data(), qa, ldq, ka, ldk, lse + bh * L + m0, bm, bn, b, h, m0, n0);
+          dprobs_tile<A>(pr, dp.data(), nullptr, s.data(), da, ldd, va, ldv, bm, bn, b, h, m0, n0, keep.data());
+          for (int64_t r = 0; r < bm; ++r) {
+            const A* pr_ = s.data() + r * bn;
+            const A* dpr = dp.data() + r * bn;
+            A d = A(0);
+            for (int64_t j = 0; j < bn; ++j) d += pr_[j] * dpr[j];
+            drow[r] += d;
+          }
+        }
+      }
+    });
+  }
 
   // Items (batch, kv head, set of key blocks jb = set, set + split, ...): with few heads a head's key
   // blocks are split between sets so that every thread has work; each set then has its own dq partial.
@@ -391,30 +461,8 @@ void attention_bwd_impl(const Problem& pr, View<const T> dout, View<const T> q, 
             const int64_t bm = std::min(kBBlockM, L - m0);
             const A* qa = as_acc(q.row(b, h, m0), q.sr, bm, E, qbuf.data(), &ldq);
             const A* da = as_acc(dout.row(b, h, m0), dout.sr, bm, Ev, dobuf.data(), &ldd);
-            gemm<A>(kT, kN, bn, bm, E, scale, ka, ldk, qa, ldq, A(0), s.data(), bn);  // S = scale Q K^T
-            mask_scores<T>(pr, s.data(), bm, bn, b, h, m0, n0);
-            gemm<A>(kT, kN, bn, bm, Ev, A(1), va, ldv, da, ldd, A(0), dp.data(), bn);  // dP = dO V^T
-            for (int64_t r = 0; r < bm; ++r) {
-              A* p = s.data() + r * bn;
-              A* dpr = dp.data() + r * bn;
-              const A lse_r = lse[bh * L + m0 + r];
-              if (lse_r == kNegInf<A>) {  // a fully masked row: no probabilities
-                std::fill(p, p + bn, A(0));
-              } else if (std::isfinite(lse_r)) {
-                exp_shifted(p, bn, lse_r);
-              } else {
-                exp_shifted_slow(p, bn, lse_r);
-              }
-              if (dropout) {
-                keep_row(pr, b, h, m0 + r, n0, bn, keep.data());
-                A* pdr = pd.data() + r * bn;
-                for (int64_t j = 0; j < bn; ++j) {
-                  const A f = keep[j] ? drop_scale : A(0);
-                  pdr[j] = p[j] * f;
-                  dpr[j] *= f;
-                }
-              }
-            }
+            probs_tile<T>(pr, s.data(), qa, ldq, ka, ldk, lse + bh * L + m0, bm, bn, b, h, m0, n0);
+            dprobs_tile<A>(pr, dp.data(), pd.data(), s.data(), da, ldd, va, ldv, bm, bn, b, h, m0, n0, keep.data());
             // dV += Pd^T dO
             gemm<A>(kN, kT, Ev, bn, bm, A(1), da, ldd, dropout ? pd.data() : s.data(), bn, A(1), dvl.data(), Ev);
             for (int64_t r = 0; r < bm; ++r) {  // dS = P (dP - delta), into dp
