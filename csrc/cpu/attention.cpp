@@ -8,9 +8,9 @@
 // (one partial per set when a head's key blocks are split between sets to keep the threads busy, summed
 // in set order afterwards): deterministic for a given thread count.
 //
-// The tile products are BLAS GEMMs (at::native::cpublas::gemm: MKL) in the accumulation type: 2-byte
-// blocks are widened to fp32 first (there is no fast half GEMM on this CPU), so P and dS are never
-// rounded. Dropout: keep(b, h, i, j) = uniform(Philox(seed; offset + ((b * Hq + h) * L + i) * S + j)) >= p
+// The tile products are BLAS GEMMs (MKL's, as torch's own CPU flash attention) in the accumulation
+// type: 2-byte blocks are widened to fp32 first (there is no fast half GEMM on this CPU), so P and dS
+// are never rounded. Dropout: keep(b, h, i, j) = uniform(Philox(seed; offset + ((b * Hq + h) * L + i) * S + j)) >= p
 // (common/numerics.h), which the backward regenerates whatever the blocking or the thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/MemoryOverlap.h>
@@ -18,7 +18,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
-#include <ATen/native/CPUBlas.h>
+#include <ATen/native/TransposeType.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
@@ -60,6 +60,9 @@ template <typename A> constexpr A kNegInf = -std::numeric_limits<A>::infinity();
 
 int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+constexpr auto kN = TransposeType::NoTranspose;
+constexpr auto kT = TransposeType::Transpose;
+
 // c = alpha op(a) op(b) + beta c in BLAS's column-major convention (a row-major tile is its transpose).
 // cpublas::gemm's fp32/fp64 overloads are not exported by libtorch_cpu, but the BLAS they call is (MKL's
 // sgemm_/dgemm_ in the x86 wheels): called directly where present (weak symbols); elsewhere at::addmm
@@ -73,7 +76,7 @@ void gemm(TransposeType ta, TransposeType tb, int64_t m, int64_t n, int64_t k, A
       for (int64_t i = 0; i < m; ++i) c[j * ldc + i] = beta == A(0) ? A(0) : beta * c[j * ldc + i];
     return;
   }
-  const bool na = ta == TransposeType::NoTranspose, nb = tb == TransposeType::NoTranspose;
+  const bool na = ta == kN, nb = tb == kN;
   auto blas = std::is_same_v<A, float> ? reinterpret_cast<void*>(&sgemm_) : reinterpret_cast<void*>(&dgemm_);
   if (blas != nullptr && std::max({m, n, k, lda, ldb, ldc}) <= std::numeric_limits<int>::max()) {
     const char cta = na ? 'n' : 't', ctb = nb ? 'n' : 't';
@@ -93,10 +96,7 @@ void gemm(TransposeType ta, TransposeType tb, int64_t m, int64_t n, int64_t k, A
   at::Tensor ct = tile(c, m, n, ldc);                                 // c^T: (n, m)
   at::addmm_out(ct, ct, bt, at_, beta, alpha);
 }
-constexpr auto kN = TransposeType::NoTranspose;
-constexpr auto kT = TransposeType::Transpose;
 
-// One (batch, head) slice of a 4-D operand: rows through their stride, the last dim unit-stride.
 // A thread's scratch tile, 64-byte aligned (c10's CPU allocator): MKL may take another code path, and
 // round differently, at another alignment, so aligned buffers keep results the same run to run.
 template <typename A> class Scratch {
@@ -114,6 +114,7 @@ template <typename A> class Scratch {
   A* p_;
 };
 
+// One (batch, head) slice of a 4-D operand: rows through their stride, the last dim unit-stride.
 template <typename T> struct View {
   T* p;
   int64_t sb, sh, sr;
