@@ -250,7 +250,8 @@ void mask_scores(const Problem& pr, A* s, int64_t bm, int64_t bn, int64_t b, int
   }
 }
 
-// Dropout's keep flags of keys n0 .. n0 + n - 1 of query row i of head (b, h).
+// Dropout's keep flags of keys n0 .. n0 + n - 1 of query row i of head (b, h): philox_uniform's draws
+// (common/numerics.h), one Philox call for each 4 consecutive counters.
 void keep_row(const Problem& pr, int64_t b, int64_t h, int64_t i, int64_t n0, int64_t n, uint8_t* keep) {
   uint64_t idx = pr.offset + uint64_t(((b * pr.Hq + h) * pr.L + i) * pr.S + n0);
   for (int64_t c = 0; c < n;) {
@@ -420,9 +421,8 @@ void attention_bwd_impl(const Problem& pr, View<const T> dout, View<const T> q, 
   // Items (batch, kv head, set of key blocks jb = set, set + split, ...): with few heads a head's key
   // blocks are split between sets so that every thread has work; each set then has its own dq partial.
   const int64_t nnb = divup(S, kBBlockN);
-  int64_t split = 1;
-  const int64_t want = 2 * at::get_num_threads();
-  if (B * Hkv < want) split = std::max<int64_t>(1, std::min({kMaxSplit, nnb, divup(want, std::max<int64_t>(B * Hkv, 1))}));
+  const int64_t want = divup(2 * at::get_num_threads(), std::max<int64_t>(B * Hkv, 1));  // 2 items a thread
+  const int64_t split = std::max<int64_t>(1, std::min({want, kMaxSplit, nnb}));
   // dq accumulates in place when it is a BLAS matrix of A and has one writer; else in fp32 partials.
   const bool direct = std::is_same_v<T, A> && split == 1 && (dq.sr >= E || L <= 1);
   at::Tensor part;
@@ -474,7 +474,8 @@ void attention_bwd_impl(const Problem& pr, View<const T> dout, View<const T> q, 
               if (dmask != nullptr) std::copy(ds, ds + bn, dmask + (bh * L + m0 + r) * S + n0);
             }
             gemm<A>(kN, kT, E, bn, bm, scale, qa, ldq, dp.data(), bn, A(1), dkl.data(), E);  // dK += scale dS^T Q
-            gemm<A>(kN, kN, E, bm, bn, scale, ka, ldk, dp.data(), bn, A(1), dq_row(c, b, h, m0), lddq);  // dQ += scale dS K
+            // dQ += scale dS K
+            gemm<A>(kN, kN, E, bm, bn, scale, ka, ldk, dp.data(), bn, A(1), dq_row(c, b, h, m0), lddq);
           }
         }
         store_rows(dkl.data(), bn, E, A(1), dk.row(b, hk, n0), dk.sr);
