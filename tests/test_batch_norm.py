@@ -1419,6 +1419,19 @@ def test_bad_input_messages(case, match):
         call(FS.batch_norm)
 
 
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("stats", [True, False])
+@pytest.mark.parametrize("shape", [(0,), (0, 3), (2, 3, 0)], ids=str)
+def test_empty_input_gives_an_empty_result_as_torch(shape, training, stats):
+    """F.batch_norm takes empty inputs, a 1-D (0,) one (no channels) included, with or without
+    running statistics even in eval."""
+    C = shape[1] if len(shape) > 1 else 0
+    rm, rv = (torch.zeros(C), torch.ones(C)) if stats else (None, None)
+    want = F.batch_norm(torch.randn(shape), rm, rv, training=training)
+    got = FS.batch_norm(torch.randn(shape), rm, rv, training=training)
+    assert got.shape == want.shape == shape and got.dtype == want.dtype
+
+
 @pytest.mark.parametrize("act", ("gelu", "ReLU", "none_", "tanh", ""))
 def test_unknown_activation_raises_value_error(act):
     x = _X()

@@ -11,6 +11,7 @@ from torch import Tensor
 from ..autograd import BatchNormFunction, SyncBatchNormFunction
 from .checks import check_activation, check_param_dtypes, type_name
 
+
 def _check_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                       verify_batch_size=True) -> None:
     """Raise what torch.nn.functional.batch_norm raises, in its order (same exception types)."""
@@ -26,15 +27,15 @@ def _check_batch_norm(input, running_mean, running_var, weight, bias, training, 
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     if not isinstance(momentum, numbers.Real):
         raise TypeError(f"batch_norm(): argument 'momentum' (position 7) must be float, not {type(momentum).__name__}")
-    if input.dim() < 2:
+    if input.dim() < 1:
         raise RuntimeError(f"batch_norm: expected input of shape (N, C, *), got {input.dim()}-D input")
-    if not training:
+    if not training and input.numel():  # torch returns an empty input's empty result without them
         for name, r in (("running_mean", running_mean), ("running_var", running_var)):
             if r is None:
                 raise RuntimeError(f"{name} must be defined in evaluation mode")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
-    C = input.shape[1]
+    C = input.shape[1] if input.dim() > 1 else 0  # an empty 1-D input has no channels, as in torch
     params = {"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var}
     for name, p in params.items():
         if p is not None and p.numel() != C:
@@ -42,6 +43,8 @@ def _check_batch_norm(input, running_mean, running_var, weight, bias, training, 
         if p is not None and p.device != input.device:
             raise RuntimeError("Expected all tensors to be on the same device, but found at least two devices, "
                                f"{input.device} and {p.device}!")
+    if input.dim() == 1 and input.numel():  # torch reads the channel count from dim 1 of any input
+        raise IndexError("Dimension out of range (expected to be in range of [-1, 0], but got 1)")
     if not input.is_floating_point():
         raise NotImplementedError(f'"batch_norm" not implemented for \'{type_name(input.dtype)}\'')
     check_param_dtypes("batch_norm", input, params)
@@ -74,6 +77,8 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     """
     act, slope = check_activation(activation, negative_slope)
     _check_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if input.dim() == 1 or (not input.numel() and not training and running_mean is None):
+        return input.clone()  # empty (the check refused the other 1-D inputs), as torch
     y, stats = BatchNormFunction.apply(input, _flat(weight), _flat(bias), _flat(running_mean), _flat(running_var),
                                        bool(training), float(eps), act, slope)
     if training and running_mean is not None and input.numel():
