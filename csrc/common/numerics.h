@@ -68,36 +68,4 @@ template <typename A> FS_HD A activate_grad(A dy, A z, int act, A slope) {
   }
 }
 
-// Philox4x32-10 (Salmon et al., SC'11): a counter-based RNG, four 32-bit outputs that are a pure
-// function of a 128-bit counter and a 64-bit key, so any element's random number can be regenerated
-// anywhere (backward, another thread, another device) without state.
-struct Philox4 {
-  uint32_t x[4];
-};
-
-FS_HD Philox4 philox4x32_10(uint64_t counter, uint64_t key) {
-  uint32_t c0 = uint32_t(counter), c1 = uint32_t(counter >> 32), c2 = 0, c3 = 0;
-  uint32_t k0 = uint32_t(key), k1 = uint32_t(key >> 32);
-  for (int round = 0; round < 10; ++round) {
-    uint64_t p0 = uint64_t(0xD2511F53u) * c0, p1 = uint64_t(0xCD9E8D57u) * c2;
-    uint32_t n0 = uint32_t(p1 >> 32) ^ c1 ^ k0, n2 = uint32_t(p0 >> 32) ^ c3 ^ k1;
-    c1 = uint32_t(p1);
-    c3 = uint32_t(p0);
-    c0 = n0;
-    c2 = n2;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  return {{c0, c1, c2, c3}};
-}
-
-// A uniform float in [0, 1) from the top 24 bits of one Philox output.
-FS_HD float uniform24(uint32_t x) { return float(x >> 8) * 5.9604644775390625e-8f; }  // 2^-24
-
-// Dropout's draw for element ``index`` of the stream keyed by ``seed``: elements 4n .. 4n + 3 take the
-// four (independent) outputs of one Philox call on counter n.
-FS_HD float philox_uniform(uint64_t seed, uint64_t index) {
-  return uniform24(philox4x32_10(index >> 2, seed).x[index & 3]);
-}
-
 }  // namespace fusedstab

@@ -10,8 +10,8 @@
 //
 // The tile products are BLAS GEMMs (MKL's, as torch's own CPU flash attention) in the accumulation
 // type: 2-byte blocks are widened to fp32 first (there is no fast half GEMM on this CPU), so P and dS
-// are never rounded. Dropout: keep(b, h, i, j) = uniform(Philox(seed; offset + ((b * Hq + h) * L + i) * S + j)) >= p
-// (common/numerics.h), which the backward regenerates whatever the blocking or the thread count.
+// are never rounded. Dropout: keep(b, h, i, j) = uniform(Philox(seed; offset + ((b * Hq + h) * L + i) * S + j))
+// >= p (keep_row below), which the backward regenerates whatever the blocking or the thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
@@ -250,14 +250,39 @@ void mask_scores(const Problem& pr, A* s, int64_t bm, int64_t bn, int64_t b, int
   }
 }
 
-// Dropout's keep flags of keys n0 .. n0 + n - 1 of query row i of head (b, h): philox_uniform's draws
-// (common/numerics.h), one Philox call for each 4 consecutive counters.
+// Philox4x32-10 (Salmon et al., SC'11): four 32-bit outputs that are a pure function of a 128-bit
+// counter and a 64-bit key, so any element's draw can be regenerated anywhere (the backward, another
+// thread) without state. Torch-free: it can move to common/numerics.h when a CUDA kernel needs the
+// same stream.
+struct Philox4 {
+  uint32_t x[4];
+};
+
+inline Philox4 philox4x32_10(uint64_t counter, uint64_t key) {
+  uint32_t c0 = uint32_t(counter), c1 = uint32_t(counter >> 32), c2 = 0, c3 = 0;
+  uint32_t k0 = uint32_t(key), k1 = uint32_t(key >> 32);
+  for (int round = 0; round < 10; ++round) {
+    const uint64_t p0 = uint64_t(0xD2511F53u) * c0, p1 = uint64_t(0xCD9E8D57u) * c2;
+    const uint32_t n0 = uint32_t(p1 >> 32) ^ c1 ^ k0, n2 = uint32_t(p0 >> 32) ^ c3 ^ k1;
+    c1 = uint32_t(p1);
+    c3 = uint32_t(p0);
+    c0 = n0;
+    c2 = n2;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return {{c0, c1, c2, c3}};
+}
+
+// Dropout's keep flags of keys n0 .. n0 + n - 1 of query row i of head (b, h). The draw of element
+// index t (its counter plus the offset) is output t % 4 of Philox(t / 4; seed) as a uniform in [0, 1)
+// from its top 24 bits: one Philox call serves 4 consecutive elements (its outputs are independent).
 void keep_row(const Problem& pr, int64_t b, int64_t h, int64_t i, int64_t n0, int64_t n, uint8_t* keep) {
   uint64_t idx = pr.offset + uint64_t(((b * pr.Hq + h) * pr.L + i) * pr.S + n0);
   for (int64_t c = 0; c < n;) {
     const Philox4 r = philox4x32_10(idx >> 2, pr.seed);
     for (unsigned lane = unsigned(idx & 3); lane < 4 && c < n; ++lane, ++c, ++idx)
-      keep[c] = uniform24(r.x[lane]) >= pr.dropout_p;
+      keep[c] = float(r.x[lane] >> 8) * 5.9604644775390625e-8f >= pr.dropout_p;  // 2^-24
   }
 }
 
