@@ -154,6 +154,8 @@ class AdaptiveGradClipper:
             dist.all_reduce(red[:2], op=dist.ReduceOp.SUM, group=group)  # sums of squares, counts
             if full:
                 dist.all_reduce(red[2], op=dist.ReduceOp.MAX, group=group)
+                # a MAX all-reduce may drop a NaN (gloo does); a NaN anywhere made the sum NaN
+                red[2] = torch.where(red[0].isnan(), red[0], red[2])
         if full and len(have) < len(self.params):  # rows for the parameters without a gradient: 0
             red = red.new_zeros(3, len(self.params)).index_copy_(1, _index(tuple(have), self.device), red)
         cap_t, cap_v = self._cap()
