@@ -231,9 +231,9 @@ def logger_hook(log: logging.Logger | Callable[[str], None] | None = None, every
 
 
 # ----------------------------------------------------------------------------- plot
-def plot_layer_norms(run, path, top: int | None = 12, title: str | None = None):
+def plot_layer_norms(run, path, top: int | None = 12, title: str | None = None, dpi: int = 110):
     """A PNG of per-layer gradient norms over steps (the ``top`` layers by peak norm, log scale) over
-    a panel of the total norm, the threshold and the skipped steps. ``run``: a GradStats with
+    a panel of the total norm, the norm after clipping, the threshold and the skipped steps. ``run``: a GradStats with
     history, a list of StepStats, or the path of a ``GradStats.save`` file. Returns the figure."""
     import matplotlib
 
@@ -254,8 +254,12 @@ def plot_layer_norms(run, path, top: int | None = 12, title: str | None = None):
     ax0.set_yscale("log")
     ax0.set_ylabel("per-layer grad norm")
     ax0.legend(fontsize=7, ncol=2, loc="upper right")
-    ax1.plot(steps, [r.total_norm for r in recs], lw=1, label="total norm")
-    ax1.plot(steps, [r.threshold for r in recs], lw=1, ls="--", label="threshold")
+    total = np.array([r.total_norm for r in recs])
+    after = np.array([np.nan if r.skipped else r.total_norm * min(r.coef, 1.0) for r in recs])
+    thr = np.array([r.threshold for r in recs])
+    ax1.plot(steps, total, lw=1, label="total norm")
+    ax1.plot(steps, after, lw=1, ls="--", label="after clipping")
+    ax1.plot(steps, np.where(np.isfinite(thr), thr, np.nan), lw=1, ls=":", label="threshold (where finite)")
     sk = [r.step for r in recs if r.skipped]
     for s in sk:
         ax1.axvline(s, color="red", alpha=0.4, lw=1)
@@ -266,6 +270,6 @@ def plot_layer_norms(run, path, top: int | None = 12, title: str | None = None):
     ax1.legend(fontsize=7, loc="upper right")
     fig.suptitle(title or "gradient norms")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return fig
