@@ -94,36 +94,45 @@ struct Part {
   double sq = 0, bad = 0, mx = 0;
 };
 
+// The common case reads each element once for two vector ops (a square added, a max): the count of
+// non-finite elements is taken in a second pass over the (cache-resident) chunk only when its max is
+// Inf or its sum NaN, i.e. when it holds one. The vector max need not propagate NaN: a NaN makes the
+// sum NaN, and the chunk's max is then NaN.
 template <typename T> Part reduce_chunk(const T* x, int64_t n) {
   using A = acc_t<T>;
   using V = Vectorized<A>;
   constexpr int64_t K = V::size();
-  const V one(A(1)), inf(std::numeric_limits<A>::infinity());
   Part r;
-  V mx(A(0));
+  V mx0(A(0)), mx1(A(0));
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t end = std::min(n, b + kBlock);
-    V sq0(A(0)), sq1(A(0)), bad(A(0));
+    V sq0(A(0)), sq1(A(0));
     int64_t i = b;
     for (; i + 2 * K <= end; i += 2 * K) {
       const V a0 = load<A>(x + i, K).abs(), a1 = load<A>(x + i + K, K).abs();
       sq0 = at::vec::fmadd(a0, a0, sq0);
       sq1 = at::vec::fmadd(a1, a1, sq1);
-      bad = bad + ((((a0 != a0) | (a0 == inf)) & one) + (((a1 != a1) | (a1 == inf)) & one));
-      mx = at::vec::maximum(mx, at::vec::maximum(a0, a1));  // propagates NaN
+      mx0 = at::vec::clamp_min(a0, mx0);
+      mx1 = at::vec::clamp_min(a1, mx1);
     }
     for (; i < end; i += K) {
       const V a = load<A>(x + i, end - i).abs();  // lanes past the end: 0
       sq0 = at::vec::fmadd(a, a, sq0);
-      bad = bad + (((a != a) | (a == inf)) & one);
-      mx = at::vec::maximum(mx, a);
+      mx0 = at::vec::clamp_min(a, mx0);
     }
     r.sq += double(lanes_sum(sq0 + sq1));
-    r.bad += double(lanes_sum(bad));
   }
-  __at_align__ A lanes[K];
-  mx.store(lanes);
-  for (int64_t j = 0; j < K; ++j) r.mx = nan_max(r.mx, double(lanes[j]));
+  __at_align__ A lanes[2 * K];
+  mx0.store(lanes);
+  mx1.store(lanes + K);
+  for (int64_t j = 0; j < 2 * K; ++j)
+    if (double(lanes[j]) > r.mx) r.mx = double(lanes[j]);
+  if (std::isnan(r.sq)) r.mx = kNaN;
+  if (std::isnan(r.sq) || std::isinf(r.mx)) {  // rare: count them
+    int64_t bad = 0;
+    for (int64_t j = 0; j < n; ++j) bad += !std::isfinite(double(static_cast<A>(x[j])));
+    r.bad = double(bad);
+  }
   return r;
 }
 
