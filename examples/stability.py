@@ -1,10 +1,11 @@
-"""A small model trained on CPU through a gradient spike and a NaN, with three clipping set-ups:
+"""A small model trained on CPU through a gradient spike and a NaN, with four clipping set-ups:
 
   fixed      AdaptiveGradClipper(mode="fixed", max_norm=1) as torch's clip_grad_norm_ behaves (the
              NaN is not skipped: skip_nonfinite=False)
   zclip      mode="zclip" (an EMA of the norm's mean and variance) + skip-step for NaN/Inf
   skip-step  mode="fixed", max_norm=1, and steps above a hard ceiling (skip_above) or non-finite are
              skipped: neither the parameters nor the Adam state move
+  quantile   mode="quantile": the 0.9-quantile of the last 100 norms + skip-step for NaN/Inf
 
 The model: a 3-layer MLP regressing a fixed random teacher network; Adam (fused: it takes the skip
 flag on the device). At step SPIKE one batch has its targets scaled x300 (a corrupted batch); at step
@@ -53,6 +54,7 @@ SETUPS = {
     "fixed": dict(mode="fixed", max_norm=1.0, skip_nonfinite=False),
     "zclip": dict(mode="zclip", max_norm=None, warmup_steps=25, z_thresh=2.5, alpha=0.97),
     "skip-step": dict(mode="fixed", max_norm=1.0, skip_above=10.0),
+    "quantile": dict(mode="quantile", max_norm=None, warmup_steps=25, quantile=0.9, window=100),
 }
 
 
@@ -97,7 +99,7 @@ def main(argv=None) -> None:
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
     finite = [v for r in runs.values() for v in r["loss"] if math.isfinite(v)]
-    for (name, r), ls in zip(runs.items(), ("-", "--", ":")):
+    for (name, r), ls in zip(runs.items(), ("-", "--", ":", "-.")):
         ax.plot(r["loss"], lw=1.2, ls=ls, label=name)
     ax.set_ylim(min(finite) * 0.8, 0.5)  # the corrupted batch's own loss (~1e4) is off the top
     for s, what in ((SPIKE, "gradient spike"), (NAN, "NaN batch")):
