@@ -377,7 +377,8 @@ def test_argument_errors():
     for kw, match in [(dict(mode="median"), "mode"), (dict(mode="fixed"), "max_norm"),
                       (dict(mode="schedule", max_norm=1.0), "callable"), (dict(mode="zclip", z_thresh=0), "z_thresh"),
                       (dict(mode="zclip", alpha=1.0), "alpha"), (dict(mode="quantile", quantile=1.5), "quantile"),
-                      (dict(mode="quantile", window=0), "window"), (dict(mode="zclip", skip_above=-1), "skip_above")]:
+                      (dict(mode="quantile", window=0), "window"), (dict(mode="zclip", skip_above=-1), "skip_above"),
+                      (dict(mode="zclip", warmup_steps=1), "warmup_steps")]:
         with pytest.raises(ValueError, match=match):
             AdaptiveGradClipper(ps, **kw)
     with pytest.raises(ValueError, match="no parameters"):
@@ -469,13 +470,14 @@ def test_gpu_whole_step_has_no_sync():
     clip = AdaptiveGradClipper(model.named_parameters(), "zclip", max_norm=10.0, warmup_steps=2, telemetry=stats)
     guard = SkipStep(opt)
     x, y = torch.randn(32, 64, device="cuda"), torch.randn(32, 64, device="cuda")
+    recs = []
 
     def step(scale=1.0):
         opt.zero_grad(set_to_none=False)
         torch.nn.functional.mse_loss(model(x * scale), y).backward()
         clip.step()
         guard.step(clip.found_inf)
-        stats.poll()
+        recs.extend(stats.poll())
 
     for _ in range(3):
         step()
@@ -486,8 +488,10 @@ def test_gpu_whole_step_has_no_sync():
             step(s)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    recs = stats.wait()
-    assert any(r.skipped for r in recs) and not guard.last_step_read_flag
+    recs += stats.wait()
+    assert [r.step for r in recs] == list(range(1, 8))  # every step arrived, once, in order
+    assert [r.skipped for r in recs] == [False] * 5 + [True, False] and not guard.last_step_read_flag
+    assert recs[4].coef < 1.0  # the x1e3 step was clipped
 
 
 @pytest.mark.gpu

@@ -65,8 +65,9 @@ def _check_finish(stats, state, max_norm, mode, ring_tensors, ring_scalars) -> N
     if state.dtype != torch.float64 or state.dim() != 1 or state.numel() < need or state.device != stats.device:
         raise ValueError(f"grad_clip_finish: state must be a float64 vector of at least {need} elements on "
                          f"{stats.device}, got {state.dtype}{tuple(state.shape)} on {state.device}")
-    if max_norm is not None and (max_norm.numel() != 1 or max_norm.device != stats.device):
-        raise ValueError("grad_clip_finish: max_norm must be a one-element tensor on the device of stats")
+    if max_norm is not None and (max_norm.numel() != 1 or max_norm.device != stats.device
+                                 or not max_norm.is_floating_point()):
+        raise ValueError("grad_clip_finish: max_norm must be a one-element float tensor on the device of stats")
     K, T = ring_scalars.shape[0], stats.shape[1]
     if ring_scalars.dim() != 2 or ring_scalars.shape[1] != 5 or ring_scalars.device != stats.device:
         raise ValueError(f"grad_clip_finish: ring_scalars must be (K, 5) on {stats.device}")

@@ -13,8 +13,8 @@ No ``.item()``, no host branch on a value: the step can run under ``torch.compil
 and be captured in a CUDA graph (see ``mode="schedule"`` for the exception).
 
 Modes (see fusedstab.reference.grad_clip_finish for the arithmetic):
-- ``"fixed"``: ``max_norm`` (a float, or a tensor: changed without recompiling or syncing), as
-  torch.nn.utils.clip_grad_norm_;
+- ``"fixed"``: ``max_norm`` (a float, or a tensor on the gradients' device: changed without
+  recompiling or syncing), as torch.nn.utils.clip_grad_norm_;
 - ``"schedule"``: ``max_norm`` is a callable of the step (0, 1, ...) returning a float or a tensor
   (evaluated on the host each step: not inside a CUDA graph, and a float recompiles a compiled step),
   or a tensor that the user updates in place;
@@ -79,7 +79,10 @@ class AdaptiveGradClipper:
             raise ValueError(f"AdaptiveGradClipper: mode={mode!r} takes max_norm as a float or tensor cap")
         checks = [(warmup_steps >= 0, "warmup_steps >= 0"), (z_thresh > 0, "z_thresh > 0"),
                   (0 <= alpha < 1, "0 <= alpha < 1"), (eps >= 0, "eps >= 0"), (0 <= quantile <= 1, "0 <= quantile <= 1"),
-                  (window >= 1, "window >= 1"), (skip_above is None or skip_above > 0, "skip_above > 0")]
+                  (window >= 1, "window >= 1"), (skip_above is None or skip_above > 0, "skip_above > 0"),
+                  # ZClip's variance comes from its warm-up: with one norm it is 0 and every later
+                  # step above the mean is clipped to it, for good
+                  (mode != "zclip" or warmup_steps >= 2, "warmup_steps >= 2 for mode='zclip'")]
         for ok, what in checks:
             if not ok:
                 raise ValueError(f"AdaptiveGradClipper: expected {what}")
