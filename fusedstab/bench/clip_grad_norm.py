@@ -21,7 +21,8 @@ after the first call they sit at the threshold and the scale is ~1, the same wor
 
 Providers: ``eager`` torch.nn.utils with foreach=True (the baseline, and the reference the others'
 results are checked against), ``eager-loop`` foreach=False, ``compile`` torch.compile of the
-foreach version (fullgraph), ``fusedstab-<backend>``, ``apex`` (apex.contrib.clip_grad's
+foreach version (fullgraph), ``fusedstab-<backend>``, ``fusedstab-<backend>+fixed+stats`` and
+``+zclip+stats`` (AdaptiveGradClipper with GradStats telemetry polled each call; clip mode), ``apex`` (apex.contrib.clip_grad's
 multi-tensor clip_grad_norm_, and amp_C.multi_tensor_l2norm for the norm) when importable. On CUDA
 every row also counts the device work items (kernels, memcpys, memsets) and host syncs of one call.
 """
@@ -99,6 +100,41 @@ def _fusedstab_fns(_functional) -> ClipFns:
                    clip=lambda ps: FU.clip_grad_norm_(ps, MAX_NORM, NORM_TYPE))
 
 
+# ---- the adaptive clipper (fusedstab.utils.AdaptiveGradClipper): "clip" mode only, a clipper per
+# parameter list; "+stats": with GradStats telemetry, polled every call (its overhead over plain clipping)
+CLIPPER_VARIANTS = {"fixed+stats": ("fixed", True), "zclip+stats": ("zclip", True)}
+
+
+def _clipper_fns(variant: str) -> ClipFns:
+    from fusedstab.utils import AdaptiveGradClipper, GradStats
+
+    mode, stats = CLIPPER_VARIANTS[variant]
+    made = {}
+
+    def clip(ps):
+        c = made.get(id(ps))
+        if c is None:  # max_norm is the cap, also during ZClip's warm-up (the checked first call)
+            made.clear()
+            c = made[id(ps)] = AdaptiveGradClipper(ps, mode, max_norm=MAX_NORM,
+                                                   telemetry=GradStats(ring=16) if stats else None)
+        total = c.step()
+        if stats:
+            c.telemetry.poll()
+        return total
+    return ClipFns(norm=None, clip=clip)
+
+
+def _clipper_providers(cfg: Config, numel: int, programs: int) -> tuple[dict, dict]:
+    import dataclasses
+
+    provs, skipped = {}, {}
+    for variant in CLIPPER_VARIANTS:
+        fp, fs = fusedstab_providers(lambda _ff, v=variant: _clipper_fns(v), cfg, numel, programs=programs)
+        provs.update({f"{k}+{variant}": dataclasses.replace(p, modes=("clip",)) for k, p in fp.items()})
+        skipped.update({f"{k}+{variant}": why for k, why in fs.items()})
+    return provs, skipped
+
+
 def _apex(cfg: Config) -> tuple[dict, dict]:
     if cfg.device != "cuda":
         return {}, {"apex": "apex's multi-tensor kernels run on CUDA only"}
@@ -137,6 +173,9 @@ def providers(cfg: Config, numel: int, n_tensors: int) -> tuple[dict, dict]:
         fp, fs = fusedstab_providers(_fusedstab_fns, cfg, numel, programs=programs)
         provs.update(fp)
         skipped.update(fs)
+        cp, cs = _clipper_providers(cfg, numel, programs)
+        provs.update(cp)
+        skipped.update(cs)
     ap, ask = _apex(cfg)
     provs.update(ap)
     skipped.update(ask)
