@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import _ACC, _slope, split_slope
+from .common import _ACC, _slope, fp32_matmul_allows_tf32, split_slope
 from .bias_leaky_relu import store_mask
 
 
@@ -75,10 +75,11 @@ def _linear_leaky_relu_kernel(X, W, B, Y, MASK, M, N, K, stride_xm, stride_xk, s
 
 
 def input_precision(dtype: torch.dtype) -> str | None:
-    """fp32 runs on tf32 tensor cores only where torch's own matmuls may (allow_tf32)."""
+    """fp32 runs on tf32 tensor cores only where torch's own matmuls may (the flag is read for fp32
+    only, through torch's new API where it exists: see common.fp32_matmul_allows_tf32)."""
     if dtype != torch.float32:
         return None
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "tf32" if fp32_matmul_allows_tf32() else "ieee"
 
 
 def linear_leaky_relu(x, w, b, y, mask, slope):
