@@ -36,6 +36,14 @@ def _slope(slope_a, slope_b, slope_c, ACC_T: tl.constexpr):
 
 
 @triton.jit
+def _rsqrt(v, ACC_T: tl.constexpr):
+    if ACC_T == tl.float64:
+        return 1.0 / tl.sqrt(v)  # IEEE sqrt in fp64 (gradcheck precision)
+    else:
+        return tl.rsqrt(v)
+
+
+@triton.jit
 def _act(z, ACT: tl.constexpr, slope):
     if ACT == 1:
         return tl.where(z < 0, 0.0, z)  # NaN stays NaN, as torch's relu

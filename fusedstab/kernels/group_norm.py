@@ -11,14 +11,21 @@ into mean and rstd; pass 2 normalizes, applies weight and bias,
 then the activation. Backward: pass 1 writes per-group partials of sum(gw), sum(gw * xhat) and
 per-channel partials of dweight, dbias (gw = dz * w, dz = dy * act'(z), z recomputed from x);
 pass 2 writes dx = rstd * (gw - mean(gw) - xhat * mean(gw * xhat)).
+
+Rows (S == 1: (N, C) input, or (N, C, 1, 1)): group (n, g) is C/G consecutive channels of one row, so
+one program holds BLOCK_N whole rows as a (BLOCK_N, BLOCK_G, BLOCK_K) tile (samples, groups, channels
+of a group): statistics, normalization and activation in one read (``rows_fwd``); backward keeps
+each program's dweight / dbias partials in registers over its samples (``rows_bwd``).
 """
 import torch
 import triton
 import triton.language as tl
 
-from .common import _ACC, ACTIVATIONS, _acc, _act, _act_grad, _slope, split_slope, target_programs
+from .common import _ACC, ACTIVATIONS, _acc, _act, _act_grad, _rsqrt, _slope, split_slope, target_programs
 
 TILE = 2048
+ROWS_MAX = 8192  # rows kernels: the widest padded row (next_pow2(G) * next_pow2(C/G) elements)
+ROWS_TILE = 4096  # rows kernels: elements per tile
 
 
 @triton.jit
@@ -166,6 +173,94 @@ def _bwd_dx_kernel(DY, X, W, B, DX, MEAN, RSTD, SUMS, G, Cg, S, sn, sc, ss, dn, 
             tl.store(DX + dx_offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
+# ----------------------------------------------------------------------------- rows (S == 1)
+@triton.jit
+def _rows_tile(X, n, sxn, sxc, N, G, Cg, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Offsets (int64) of samples ``n`` (BLOCK_N,) as (BLOCK_N, BLOCK_G, BLOCK_K), the channel index
+    (BLOCK_G, BLOCK_K) and the mask."""
+    g = tl.arange(0, BLOCK_G)
+    k = tl.arange(0, BLOCK_K)
+    ch = g[:, None] * Cg + k[None, :]  # < C: no program index in it
+    cmask = (g < G)[:, None] & (k < Cg)[None, :]
+    offs = n.to(tl.int64)[:, None, None] * sxn + ch.to(tl.int64)[None, :, :] * sxc
+    return offs, ch, cmask, (n < N)[:, None, None] & cmask[None, :, :]
+
+
+@triton.jit
+def _rows_params(W, B, ch, cmask, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC_T: tl.constexpr):
+    w = 1.0
+    b = 0.0
+    if HAS_W:
+        w = tl.load(W + ch, mask=cmask, other=0.0).to(ACC_T)[None, :, :]
+    if HAS_B:
+        b = tl.load(B + ch, mask=cmask, other=0.0).to(ACC_T)[None, :, :]
+    return w, b
+
+
+@triton.jit
+def _rows_fwd_kernel(X, W, B, Y, MEAN, RSTD, N, G, Cg, sxn, sxc, syn, syc, eps, slope_a, slope_b, slope_c,
+                     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, ACC_T: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr):
+    """BLOCK_N whole rows: mean and rstd per (sample, group) (N, G), y = act(xhat * w + b); one read."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs, ch, cmask, mask = _rows_tile(X, n, sxn, sxc, N, G, Cg, BLOCK_G, BLOCK_K)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(ACC_T)
+    mean = tl.sum(x, axis=2) / Cg
+    d = tl.where(mask, x - mean[:, :, None], 0.0)  # two passes over registers: exact at any offset
+    rstd = _rsqrt(tl.sum(d * d, axis=2) / Cg + eps, ACC_T)
+    stats = n.to(tl.int64)[:, None] * G + tl.arange(0, BLOCK_G)[None, :]
+    smask = (n < N)[:, None] & (tl.arange(0, BLOCK_G) < G)[None, :]
+    tl.store(MEAN + stats, mean, mask=smask)
+    tl.store(RSTD + stats, rstd, mask=smask)
+    w, b = _rows_params(W, B, ch, cmask, HAS_W, HAS_B, ACC_T)
+    z = d * rstd[:, :, None] * w + b
+    y_offs = n.to(tl.int64)[:, None, None] * syn + ch.to(tl.int64)[None, :, :] * syc
+    tl.store(Y + y_offs, _act(z, ACT, _slope(slope_a, slope_b, slope_c, ACC_T)).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rows_bwd_kernel(DY, X, W, B, MEAN, RSTD, DX, DW_PART, DB_PART, N, G, Cg, C, sxn, sxc, sdn, sdc, sqn, sqc,
+                     slope_a, slope_b, slope_c, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                     HAS_DW: tl.constexpr, HAS_DB: tl.constexpr, ACT: tl.constexpr, ACC_T: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Persistent over blocks of BLOCK_N samples: dx per row; this program's dweight / dbias partials
+    summed over its samples in registers, one (C,) row of DW_PART / DB_PART (P, C) at the end."""
+    pid = tl.program_id(0)
+    g = tl.arange(0, BLOCK_G)
+    _, ch, cmask, _ = _rows_tile(X, tl.arange(0, BLOCK_N), sxn, sxc, N, G, Cg, BLOCK_G, BLOCK_K)
+    w, b = _rows_params(W, B, ch, cmask, HAS_W, HAS_B, ACC_T)
+    slope = _slope(slope_a, slope_b, slope_c, ACC_T)
+    dw = tl.zeros((BLOCK_G, BLOCK_K), ACC_T)
+    db = tl.zeros((BLOCK_G, BLOCK_K), ACC_T)
+    for blk in range(pid, tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
+        n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs, _, _, mask = _rows_tile(X, n, sxn, sxc, N, G, Cg, BLOCK_G, BLOCK_K)
+        stats = n.to(tl.int64)[:, None] * G + g[None, :]
+        smask = (n < N)[:, None] & (g < G)[None, :]
+        mean = tl.load(MEAN + stats, mask=smask, other=0.0)[:, :, None]
+        rstd = tl.load(RSTD + stats, mask=smask, other=0.0)[:, :, None]
+        xhat = tl.where(mask, (tl.load(X + offs, mask=mask, other=0.0).to(ACC_T) - mean) * rstd, 0.0)
+        dy_offs = n.to(tl.int64)[:, None, None] * sdn + ch.to(tl.int64)[None, :, :] * sdc
+        dz = tl.load(DY + dy_offs, mask=mask, other=0.0).to(ACC_T)
+        if ACT != 0:
+            dz = _act_grad(dz, xhat * w + b, ACT, slope)
+        gw = dz * w
+        mean_gw = tl.sum(gw, axis=2) / Cg
+        mean_gwx = tl.sum(gw * xhat, axis=2) / Cg
+        dx = rstd * (gw - mean_gw[:, :, None] - xhat * mean_gwx[:, :, None])
+        dx_offs = n.to(tl.int64)[:, None, None] * sqn + ch.to(tl.int64)[None, :, :] * sqc
+        tl.store(DX + dx_offs, dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_DW:
+            dw += tl.sum(dz * xhat, axis=0)
+        if HAS_DB:
+            db += tl.sum(dz, axis=0)  # masked lanes loaded dy = 0
+    part = pid.to(tl.int64) * C + ch
+    if HAS_DW:
+        tl.store(DW_PART + part, dw, mask=cmask)
+    if HAS_DB:
+        tl.store(DB_PART + part, db, mask=cmask)
+
+
 # ----------------------------------------------------------------------------- launchers
 def _blocks(Cg: int, S: int, channels_inner: bool) -> tuple[int, int]:
     """(BLOCK_C, BLOCK_S): contiguous along S for NCHW, along the group's channels for channels_last."""
@@ -222,3 +317,45 @@ def bwd_dx(dy, x, w, b, dx, mean, rstd, sums, G, act, slope):
                          *dx.stride(), p["n_ct"], p["n_st"], p["Cg"] * p["S"], *split_slope(slope),
                          HAS_W=w is not None, HAS_B=b is not None, ACT=ACTIVATIONS[act],
                          ACC_T=_ACC[mean.dtype], BLOCK_C=p["BLOCK_C"], BLOCK_S=p["BLOCK_S"], num_warps=4)
+
+
+def _rows_blocks(C: int, G: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_G, BLOCK_K, num_warps) of the rows kernels: tiles of ROWS_TILE elements (whole
+    padded rows), 16 elements a thread at most."""
+    bg, bk = triton.next_power_of_2(G), triton.next_power_of_2(C // G)
+    bn = max(1, ROWS_TILE // (bg * bk))
+    return bn, bg, bk, max(1, min(16, bn * bg * bk // 512))
+
+
+def rows_ok(C: int, G: int) -> bool:
+    """Whether (N, C) input with G groups takes the rows kernels (a padded row fits one tile)."""
+    return triton.next_power_of_2(G) * triton.next_power_of_2(C // G) <= ROWS_MAX
+
+
+def rows_fwd(x, w, b, y, mean, rstd, G, eps, act, slope):
+    """x, y (N, C) with any strides; mean, rstd (N, G) contiguous: all written here."""
+    N, C = x.shape
+    bn, bg, bk, warps = _rows_blocks(C, G)
+    _rows_fwd_kernel[(triton.cdiv(N, bn),)](
+        x, w, b, y, mean, rstd, N, G, C // G, *x.stride(), *y.stride(), eps, *split_slope(slope),
+        HAS_W=w is not None, HAS_B=b is not None, ACT=ACTIVATIONS[act], ACC_T=_ACC[mean.dtype],
+        BLOCK_N=bn, BLOCK_G=bg, BLOCK_K=bk, num_warps=warps)
+
+
+def rows_bwd(dy, x, w, b, mean, rstd, dx, dw, db, G, act, slope):
+    """dy, x, dx (N, C) with any strides; mean, rstd (N, G) contiguous; dw, db (C,) in the accumulation
+    dtype or None: written here (per-program partials summed in a fixed order)."""
+    N, C = x.shape
+    bn, bg, bk, warps = _rows_blocks(C, G)
+    grid = max(1, min(triton.cdiv(N, bn), target_programs(x.device, 2)))
+    dw_part = x.new_empty((grid, C), dtype=mean.dtype) if dw is not None else None
+    db_part = x.new_empty((grid, C), dtype=mean.dtype) if db is not None else None
+    _rows_bwd_kernel[(grid,)](
+        dy, x, w, b, mean, rstd, dx, dw_part, db_part, N, G, C // G, C, *x.stride(), *dy.stride(), *dx.stride(),
+        *split_slope(slope), HAS_W=w is not None, HAS_B=b is not None, HAS_DW=dw is not None,
+        HAS_DB=db is not None, ACT=ACTIVATIONS[act], ACC_T=_ACC[mean.dtype],
+        BLOCK_N=bn, BLOCK_G=bg, BLOCK_K=bk, num_warps=warps)
+    if dw is not None:
+        torch.sum(dw_part, 0, out=dw)
+    if db is not None:
+        torch.sum(db_part, 0, out=db)

@@ -142,6 +142,10 @@ def _fwd_triton(x, weight, bias, G, eps, act, slope):
 
     if not x.numel():
         return _empty_fwd(x, G)
+    if x.shape[2] == 1 and K.rows_ok(x.shape[1], G):  # (N, C) rows: a group is C/G adjacent channels
+        y, (mean, rstd) = torch.empty_like(x), _stats(x, G)
+        K.rows_fwd(x[:, :, 0], _dense(weight), _dense(bias), y[:, :, 0], mean, rstd, G, eps, act, slope)
+        return y, mean, rstd
     if batch_norm.channels_inner(x):
         return _fwd_channels_inner(x, weight, bias, G, eps, act, slope)
     N = x.shape[0]
@@ -159,6 +163,10 @@ def _bwd_triton(dy, x, weight, bias, mean, rstd, G, act, slope):
     dx, dw, db = _bwd_outputs(x, weight, bias, mean.dtype)
     if not x.numel():
         return dx, dw.zero_(), db.zero_()
+    if x.shape[2] == 1 and K.rows_ok(x.shape[1], G):
+        K.rows_bwd(dy[:, :, 0], x[:, :, 0], _dense(weight), _dense(bias), mean.contiguous(), rstd.contiguous(),
+                   dx[:, :, 0], dw if weight is not None else None, db if bias is not None else None, G, act, slope)
+        return dx, dw, db
     if batch_norm.channels_inner(x):
         gx, gw, gb = _bwd_channels_inner(dy, x, weight, bias, mean, rstd, G, act, slope)
         return gx, (dw if weight is None else dw.copy_(gw)), (db if bias is None else db.copy_(gb))
