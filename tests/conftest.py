@@ -35,3 +35,32 @@ def _triton_on_cpu_needs_interpreter(request):
     params = getattr(getattr(request.node, "callspec", None), "params", {})
     if params.get("backend") == "triton" and params.get("device", "cpu") == "cpu" and not INTERPRET:
         pytest.skip("triton backend on CPU tensors needs TRITON_INTERPRET=1")
+
+
+# ----------------------------------------------------------------------------- program order
+# The interpreter runs a grid's programs one after another, in order: a kernel that relies on program
+# order (one program reading what a lower-numbered one wrote) passes on CPU and races on a GPU. Tests
+# marked ``program_order`` run twice: programs in order, and in reverse (every grid index mirrored).
+def pytest_configure(config):
+    config.addinivalue_line("markers", "program_order: run twice, the interpreter's programs in order and reversed")
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.definition.get_closest_marker("program_order") is not None:
+        metafunc.fixturenames.append("_program_order")
+        metafunc.parametrize("_program_order", ["in_order", "reversed"], indirect=True)
+
+
+@pytest.fixture
+def _program_order(request, monkeypatch):
+    if request.param == "reversed" and INTERPRET:
+        from triton.runtime.interpreter import interpreter_builder as builder
+
+        set_grid_idx = builder.set_grid_idx
+
+        def mirrored(x, y, z):
+            nx, ny, nz = builder.grid_dim
+            set_grid_idx(nx - 1 - x, ny - 1 - y, nz - 1 - z)
+
+        monkeypatch.setattr(builder, "set_grid_idx", mirrored)
+    return request.param
