@@ -81,3 +81,13 @@ def test_group_norm(shape, G, cl, act):
     got, want = _both(fn, x, w, b)
     _close(got, want)
 
+
+def test_group_norm_batch1_fills_the_gpu():
+    """Batch 1 at diffusion shapes: the four NCHW kernels spread channel tiles over programs (the
+    split was capped by the spatial tiles: 32 and 128 programs on 132 SMs)."""
+    for shape in ((1, 2048, 16, 16, 32, False), (1, 512, 64, 64, 32, False)):
+        cases = introspect.group_norm_cases([shape], [torch.bfloat16], acts=("silu",))
+        for launch in introspect.run_cases(cases):
+            if launch.name != "_combine_kernel":
+                programs = launch.grid[0] * launch.grid[1] * launch.grid[2]
+                assert programs >= common.H100.sm_count, (shape, launch.name, launch.grid)

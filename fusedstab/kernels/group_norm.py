@@ -1,9 +1,11 @@
 """Triton GroupNorm kernels (forward and backward, optional fused activation) and their launchers.
 
 x is seen as (N, C, S) with any strides (NCHW: (C*S, S, 1); channels_last: (S*C, 1, C)), read in
-place. Group (n, g) is the (C/G, S) block of channels g*C/G.. of sample n. Each group's reduction is
-split over SPLIT programs (grid (N*G, SPLIT)) so that batch 1 with 32 groups still fills the GPU;
-program ``split`` takes the spatial tiles split, split + SPLIT, ... of every channel tile.
+place. Group (n, g) is the (C/G, S) block of channels g*C/G.. of sample n, cut into n_ct x n_st tiles
+(BLOCK_C channels x BLOCK_S positions). Each group's reduction is split over SPLIT programs (grid
+(N*G, SPLIT)); program ``split`` takes tiles t = split, split + SPLIT, ... of the group's n_ct * n_st
+(tile t is channel tile t // n_st, spatial tile t % n_st), so that batch 1 with 32 groups fills the
+GPU whether the group's tiles run along the channels (few positions: 1x2048x16x16) or the positions.
 
 Forward: pass 1 writes per-program (count, mean, M2) of its tiles (Chan's parallel combine on values
 centred by a pivot); the host side combines them in float64 in a fixed order (deterministic)
@@ -33,8 +35,8 @@ def _tile(n, g, ct, st, Cg, S, sn, sc, ss, BLOCK_C: tl.constexpr, BLOCK_S: tl.co
     """Offsets (int64), channel indices and mask of tile (ct, st) of group (n, g)."""
     c = ct * BLOCK_C + tl.arange(0, BLOCK_C)
     s = st * BLOCK_S + tl.arange(0, BLOCK_S)
-    ch = g * Cg + c
-    offs = n.to(tl.int64) * sn + ch.to(tl.int64)[:, None] * sc + s.to(tl.int64)[None, :] * ss
+    ch = g.to(tl.int64) * Cg + c  # int64: a program index times a size
+    offs = n.to(tl.int64) * sn + ch[:, None] * sc + s.to(tl.int64)[None, :] * ss
     return offs, ch, (c < Cg)[:, None] & (s < S)[None, :]
 
 
@@ -47,27 +49,26 @@ def _fwd_stats_kernel(X, PART, G, Cg, S, sn, sc, ss, n_ct, n_st, ACC_T: tl.const
     multiply into M2)."""
     ng, split, SPLIT = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
     n, g = ng // G, ng % G
-    offs, ch, mask = _tile(n, g, 0, split, Cg, S, sn, sc, ss, BLOCK_C, BLOCK_S)
+    offs, ch, mask = _tile(n, g, split // n_st, split % n_st, Cg, S, sn, sc, ss, BLOCK_C, BLOCK_S)
     pivot = tl.sum(tl.sum(tl.load(X + offs, mask=mask, other=0.0).to(ACC_T), axis=1), axis=0) / \
-        tl.sum(tl.sum(mask.to(ACC_T), axis=1), axis=0)
+        tl.maximum(tl.sum(tl.sum(mask.to(ACC_T), axis=1), axis=0), 1.0)
     cnt = tl.zeros([1], dtype=ACC_T)
     mean = tl.zeros([1], dtype=ACC_T)
     m2 = tl.zeros([1], dtype=ACC_T)
-    for ct in range(0, n_ct):
-        for st in range(split, n_st, SPLIT):
-            offs, ch, mask = _tile(n, g, ct, st, Cg, S, sn, sc, ss, BLOCK_C, BLOCK_S)
-            v = tl.where(mask, tl.load(X + offs, mask=mask, other=0.0).to(ACC_T) - pivot, 0.0)
-            c = tl.sum(tl.sum(mask.to(ACC_T), axis=1), axis=0)
-            tile_mean = tl.sum(tl.sum(v, axis=1), axis=0) / c
-            d = tl.where(mask, v - tile_mean, 0.0)
-            tot = cnt + c
-            delta = tile_mean - mean
-            frac = c / tot
-            mean += delta * frac
-            m2 += tl.sum(tl.sum(d * d, axis=1), axis=0) + delta * delta * cnt * frac
-            cnt = tot
-    NG = tl.num_programs(0)
-    out = PART + split * NG + ng + tl.arange(0, 1)
+    for t in range(split, n_ct * n_st, SPLIT):
+        offs, ch, mask = _tile(n, g, t // n_st, t % n_st, Cg, S, sn, sc, ss, BLOCK_C, BLOCK_S)
+        v = tl.where(mask, tl.load(X + offs, mask=mask, other=0.0).to(ACC_T) - pivot, 0.0)
+        c = tl.sum(tl.sum(mask.to(ACC_T), axis=1), axis=0)
+        tile_mean = tl.sum(tl.sum(v, axis=1), axis=0) / c
+        d = tl.where(mask, v - tile_mean, 0.0)
+        tot = cnt + c
+        delta = tile_mean - mean
+        frac = c / tot
+        mean += delta * frac
+        m2 += tl.sum(tl.sum(d * d, axis=1), axis=0) + delta * delta * cnt * frac
+        cnt = tot
+    NG = tl.num_programs(0).to(tl.int64)
+    out = PART + split.to(tl.int64) * NG + ng + tl.arange(0, 1)
     tl.store(out, cnt)
     tl.store(out + SPLIT * NG, pivot + tl.zeros([1], ACC_T))
     tl.store(out + 2 * SPLIT * NG, mean)
@@ -83,17 +84,17 @@ def _fwd_norm_kernel(X, W, B, Y, MEAN, RSTD, G, Cg, S, sn, sc, ss, yn, yc, ys, n
     mean = tl.load(MEAN + ng)
     rstd = tl.load(RSTD + ng)
     slope = _slope(slope_a, slope_b, slope_c, ACC_T)
-    for ct in range(0, n_ct):
-        for st in range(split, n_st, SPLIT):
-            offs, ch, mask = _tile(n, g, ct, st, Cg, S, sn, sc, ss, BLOCK_C, BLOCK_S)
-            z = (tl.load(X + offs, mask=mask, other=0.0).to(ACC_T) - mean) * rstd
-            cmask = ch < (g + 1) * Cg
-            if HAS_W:
-                z = z * tl.load(W + ch, mask=cmask, other=0.0).to(ACC_T)[:, None]
-            if HAS_B:
-                z = z + tl.load(B + ch, mask=cmask, other=0.0).to(ACC_T)[:, None]
-            y_offs, _, _ = _tile(n, g, ct, st, Cg, S, yn, yc, ys, BLOCK_C, BLOCK_S)
-            tl.store(Y + y_offs, _act(z, ACT, slope).to(Y.dtype.element_ty), mask=mask)
+    for t in range(split, n_ct * n_st, SPLIT):
+        ct, st = t // n_st, t % n_st
+        offs, ch, mask = _tile(n, g, ct, st, Cg, S, sn, sc, ss, BLOCK_C, BLOCK_S)
+        z = (tl.load(X + offs, mask=mask, other=0.0).to(ACC_T) - mean) * rstd
+        cmask = ch < (g + 1) * Cg
+        if HAS_W:
+            z = z * tl.load(W + ch, mask=cmask, other=0.0).to(ACC_T)[:, None]
+        if HAS_B:
+            z = z + tl.load(B + ch, mask=cmask, other=0.0).to(ACC_T)[:, None]
+        y_offs, _, _ = _tile(n, g, ct, st, Cg, S, yn, yc, ys, BLOCK_C, BLOCK_S)
+        tl.store(Y + y_offs, _act(z, ACT, slope).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -132,7 +133,10 @@ def _bwd_reduce_kernel(DY, X, W, B, MEAN, RSTD, GPART, CPART, G, C, Cg, S, sn, s
     for ct in range(0, n_ct):
         dw = tl.zeros((BLOCK_C, BLOCK_S), ACC_T)
         db = tl.zeros((BLOCK_C, BLOCK_S), ACC_T)
-        for st in range(split, n_st, SPLIT):
+        # this program's tiles of channel tile ct: t = ct * n_st + st = split (mod SPLIT); none (and
+        # zeros stored) when SPLIT > n_st and ct is another program's
+        st0 = (split - (ct * n_st) % SPLIT + SPLIT) % SPLIT
+        for st in range(st0, n_st, SPLIT):
             offs, ch, mask = _tile(n, g, ct, st, Cg, S, sn, sc, ss, BLOCK_C, BLOCK_S)
             dy_offs, _, _ = _tile(n, g, ct, st, Cg, S, dn, dc, ds, BLOCK_C, BLOCK_S)
             xhat, dz, gw = _bwd_load(DY, X, W, B, offs, dy_offs, ch, mask, ch < (g + 1) * Cg, mean, rstd,
@@ -142,7 +146,7 @@ def _bwd_reduce_kernel(DY, X, W, B, MEAN, RSTD, GPART, CPART, G, C, Cg, S, sn, s
             dw += dz * xhat
             db += dz
         c = ct * BLOCK_C + tl.arange(0, BLOCK_C)
-        ch = g * Cg + c
+        ch = g.to(tl.int64) * Cg + c
         tl.store(cpart + ch, tl.sum(dw, axis=1), mask=c < Cg)
         tl.store(cpart + C + ch, tl.sum(db, axis=1), mask=c < Cg)
     out = GPART + (ng.to(tl.int64) * SPLIT + split) * 2
@@ -162,15 +166,15 @@ def _bwd_dx_kernel(DY, X, W, B, DX, MEAN, RSTD, SUMS, G, Cg, S, sn, sc, ss, dn, 
     mean_gw = tl.load(SUMS + ng * 2) / count
     mean_gwx = tl.load(SUMS + ng * 2 + 1) / count
     slope = _slope(slope_a, slope_b, slope_c, ACC_T)
-    for ct in range(0, n_ct):
-        for st in range(split, n_st, SPLIT):
-            offs, ch, mask = _tile(n, g, ct, st, Cg, S, sn, sc, ss, BLOCK_C, BLOCK_S)
-            dy_offs, _, _ = _tile(n, g, ct, st, Cg, S, dn, dc, ds, BLOCK_C, BLOCK_S)
-            xhat, dz, gw = _bwd_load(DY, X, W, B, offs, dy_offs, ch, mask, ch < (g + 1) * Cg, mean, rstd,
-                                     slope, HAS_W, HAS_B, ACT, ACC_T)
-            dx = rstd * (gw - mean_gw - xhat * mean_gwx)
-            dx_offs, _, _ = _tile(n, g, ct, st, Cg, S, xn, xc, xs, BLOCK_C, BLOCK_S)
-            tl.store(DX + dx_offs, dx.to(DX.dtype.element_ty), mask=mask)
+    for t in range(split, n_ct * n_st, SPLIT):
+        ct, st = t // n_st, t % n_st
+        offs, ch, mask = _tile(n, g, ct, st, Cg, S, sn, sc, ss, BLOCK_C, BLOCK_S)
+        dy_offs, _, _ = _tile(n, g, ct, st, Cg, S, dn, dc, ds, BLOCK_C, BLOCK_S)
+        xhat, dz, gw = _bwd_load(DY, X, W, B, offs, dy_offs, ch, mask, ch < (g + 1) * Cg, mean, rstd,
+                                 slope, HAS_W, HAS_B, ACT, ACC_T)
+        dx = rstd * (gw - mean_gw - xhat * mean_gwx)
+        dx_offs, _, _ = _tile(n, g, ct, st, Cg, S, xn, xc, xs, BLOCK_C, BLOCK_S)
+        tl.store(DX + dx_offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- rows (S == 1)
@@ -276,7 +280,7 @@ def _plan(x, G):
     Cg = C // G
     BLOCK_C, BLOCK_S = _blocks(Cg, S, x.stride(1) == 1 and x.stride(2) != 1)
     n_ct, n_st = triton.cdiv(Cg, BLOCK_C), triton.cdiv(S, BLOCK_S)
-    split = max(1, min(n_st, triton.cdiv(target_programs(x.device, 8), N * G)))
+    split = max(1, min(n_ct * n_st, triton.cdiv(target_programs(x.device, 8), N * G)))
     return dict(Cg=Cg, S=S, n_ct=n_ct, n_st=n_st, BLOCK_C=BLOCK_C, BLOCK_S=BLOCK_S), (N * G, split)
 
 
