@@ -231,14 +231,14 @@ def _rows_bwd_kernel(DY, X, W, B, MEAN, RSTD, DX, DW_PART, DB_PART, N, G, Cg, C,
     summed over its samples in registers, one (C,) row of DW_PART / DB_PART (P, C) at the end."""
     pid = tl.program_id(0)
     g = tl.arange(0, BLOCK_G)
-    _, ch, cmask, _ = _rows_tile(X, tl.arange(0, BLOCK_N), sxn, sxc, N, G, Cg, BLOCK_G, BLOCK_K)
+    offs0, ch, cmask, mask0 = _rows_tile(X, tl.arange(0, BLOCK_N), sxn, sxc, N, G, Cg, BLOCK_G, BLOCK_K)
     w, b = _rows_params(W, B, ch, cmask, HAS_W, HAS_B, ACC_T)
     slope = _slope(slope_a, slope_b, slope_c, ACC_T)
     dw = tl.zeros((BLOCK_G, BLOCK_K), ACC_T)
     db = tl.zeros((BLOCK_G, BLOCK_K), ACC_T)
     for blk in range(pid, tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
         n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs, _, _, mask = _rows_tile(X, n, sxn, sxc, N, G, Cg, BLOCK_G, BLOCK_K)
+        offs, ch_n, cmask_n, mask = _rows_tile(X, n, sxn, sxc, N, G, Cg, BLOCK_G, BLOCK_K)
         stats = n.to(tl.int64)[:, None] * G + g[None, :]
         smask = (n < N)[:, None] & (g < G)[None, :]
         mean = tl.load(MEAN + stats, mask=smask, other=0.0)[:, :, None]
