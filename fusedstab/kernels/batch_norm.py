@@ -84,6 +84,13 @@ def _pids(n_cols):
 
 
 @triton.jit
+def _part_row(PART, k, split, C):
+    """Row k * SPLIT + split of a (rows, SPLIT, C)-shaped partial buffer, in int64 (a program index
+    times a size)."""
+    return PART + (k + split.to(tl.int64)) * C
+
+
+@triton.jit
 def _czeros(CL: tl.constexpr, ACC_T: tl.constexpr, BLOCK_J: tl.constexpr):
     if CL:
         return tl.zeros([BLOCK_J], ACC_T)
@@ -117,10 +124,10 @@ def _stats_kernel(X, PART, C, I, J, row_stride, n_t, n_tj, x_nb, n_cols, ACC_T: 
         mean += delta * frac
         m2 += _csum(d * d, CL) + delta * delta * cnt * frac
         cnt = tot
-    _cstore(PART + split * C, pc, cnt, C, CL, BLOCK_J)
-    _cstore(PART + (SPLIT + split) * C, pc, pivot, C, CL, BLOCK_J)
-    _cstore(PART + (2 * SPLIT + split) * C, pc, mean, C, CL, BLOCK_J)
-    _cstore(PART + (3 * SPLIT + split) * C, pc, m2, C, CL, BLOCK_J)
+    _cstore(_part_row(PART, 0, split, C), pc, cnt, C, CL, BLOCK_J)
+    _cstore(_part_row(PART, SPLIT, split, C), pc, pivot, C, CL, BLOCK_J)
+    _cstore(_part_row(PART, 2 * SPLIT, split, C), pc, mean, C, CL, BLOCK_J)
+    _cstore(_part_row(PART, 3 * SPLIT, split, C), pc, m2, C, CL, BLOCK_J)
 
 
 @triton.jit
@@ -210,8 +217,8 @@ def _bwd_reduce_kernel(DY, X, W, B, MEAN, RSTD, PART, C, I, J, row_stride, n_t, 
         xhat, dz = _bwd_load(DY, X, offs, mask, mean, rstd, w, b, slope, ACT, ACC_T)
         sdz += dz
         sdzx += dz * xhat
-    _cstore(PART + split * C, pc, _csum(sdz, CL), C, CL, BLOCK_J)
-    _cstore(PART + (SPLIT + split) * C, pc, _csum(sdzx, CL), C, CL, BLOCK_J)
+    _cstore(_part_row(PART, 0, split, C), pc, _csum(sdz, CL), C, CL, BLOCK_J)
+    _cstore(_part_row(PART, SPLIT, split, C), pc, _csum(sdzx, CL), C, CL, BLOCK_J)
 
 
 @triton.jit
