@@ -24,12 +24,17 @@ pytestmark = [pytest.mark.program_order,
               pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the interpreter")]
 
 
-def _both(fn, *inputs):
-    """fn's outputs and input gradients on the triton backend (H100 launches) and the torch backend."""
+# A GPU of 8 SMs: the H100's launch logic at a size the interpreter runs quickly (thresholds that
+# compare with the SM count, such as "fewer rows than SMs", are reached with a few rows).
+SMALL_GPU = common.GPU("small (simulated)", 8, (9, 0))
+
+
+def _both(fn, *inputs, gpu=common.H100):
+    """fn's outputs and input gradients on the triton backend (``gpu``'s launches) and the torch backend."""
     out = []
     for backend in ("triton", "torch"):
         xs = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
-        with fusedstab.use_backend(backend), common.simulate_gpu():
+        with fusedstab.use_backend(backend), common.simulate_gpu(gpu):
             y = fn(*xs)
         y.backward(torch.randn_like(y, generator=torch.Generator().manual_seed(1)))
         out.append((y.detach(), [t.grad for t in xs if t.requires_grad]))
@@ -91,3 +96,52 @@ def test_group_norm_batch1_fills_the_gpu():
             if launch.name != "_combine_kernel":
                 programs = launch.grid[0] * launch.grid[1] * launch.grid[2]
                 assert programs >= common.H100.sm_count, (shape, launch.name, launch.grid)
+
+
+# ----------------------------------------------------------------------------- LayerNorm / RMSNorm
+LN_SHAPES = [  # (M, N, thresholds lowered to reach each path at interpreter sizes), on SMALL_GPU's launches
+    (3, 5000, dict(SPLIT_MIN_N=4096, LONG_BLOCK=512)),  # few rows: forward and backward split (10 chunks)
+    (2, 7001, dict(MAX_FUSED_FWD=4096, MAX_FUSED_BWD=2048, LONG_BLOCK=512)),  # long rows, partial last chunk
+    (11, 1200, dict(MAX_FUSED_BWD=1024, LONG_BLOCK=256)),  # many rows: split backward on a 2-D grid
+    (10, 1500, dict(MAX_FUSED_FWD=1024, LONG_BLOCK=256)),  # many long rows: a program per row forward
+    (67, 64, {}),  # a QK-norm: 64 rows of 64 per program, a partial block
+]
+
+
+@pytest.mark.parametrize("M,N,knobs", LN_SHAPES, ids=[f"{m}x{n}" for m, n, _ in LN_SHAPES])
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm", "add_layer_norm"])
+def test_layer_norm(monkeypatch, M, N, knobs, op):
+    from fusedstab.kernels import layer_norm as K
+
+    for name, value in knobs.items():
+        monkeypatch.setattr(K, name, value)
+    x, r = torch.randn(M, N) + 2, torch.randn(M, N)
+    w, b = torch.randn(N), torch.randn(N)
+    for t in (x, r, w, b):
+        t.requires_grad_()
+    if op == "layer_norm":
+        got, want = _both(lambda x, w, b: FF.layer_norm(x, (N,), w, b), x, w, b, gpu=SMALL_GPU)
+    elif op == "rms_norm":
+        got, want = _both(lambda x, w: FF.rms_norm(x, (N,), w), x, w, gpu=SMALL_GPU)
+    else:
+        got, want = _both(lambda x, r, w, b: torch.cat(FF.add_layer_norm(x, r, (N,), w, b), 1), x, r, w, b,
+                          gpu=SMALL_GPU)
+    _close(got, want, rtol=1e-4, atol=2e-4)
+
+
+def test_layer_norm_paths():
+    """Which kernels an H100 gets: few rows are split over programs; the backward of long rows keeps
+    its dw/db chunk in registers over a 2-D grid (partials of row groups x N, not 2 x SMs x N)."""
+    paths = {}
+    for M, N in [(32, 200000), (32768, 4096), (16, 32768), (4096, 65536), (32768, 16384)]:
+        launches = introspect.run_cases(introspect.layer_norm_cases([(M, N)], [torch.bfloat16], ops=("layer_norm",)))
+        paths[(M, N)] = [(launch.name, launch.grid) for launch in launches]
+    assert [n for n, _ in paths[(32, 200000)]] == ["_fwd_split_stats_kernel", "_fwd_split_norm_kernel",
+                                                    "_bwd_split_sums_kernel", "_bwd_split_chunk_kernel"]
+    assert all(g[0] * g[1] >= 132 for _, g in paths[(32, 200000)])  # 32 rows fill 132 SMs
+    assert [n for n, _ in paths[(32768, 4096)]] == ["_fwd_rows_kernel", "_bwd_rows_kernel"]
+    assert paths[(16, 32768)][0][0] == "_fwd_split_stats_kernel"
+    assert [n for n, _ in paths[(4096, 65536)]][:1] == ["_fwd_long_kernel"]
+    chunk = dict(paths[(32768, 16384)])["_bwd_split_chunk_kernel"]
+    assert chunk[0] == 4 and chunk[0] * chunk[1] <= 2 * 132 + 4  # chunks x row groups: ~2 programs per SM
+

@@ -11,7 +11,6 @@ valid, same-device, floating-point tensors.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -122,14 +121,6 @@ def _dense(p: Optional[Tensor]) -> Optional[Tensor]:
     return None if p is None else p.contiguous()  # weight/bias: N elements, a copy is cheap
 
 
-@functools.lru_cache(None)
-def _num_programs(device: torch.device) -> int:
-    """Programs of the persistent backward: enough to fill the GPU; few under the interpreter."""
-    if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 def _fwd_triton(x, weight, bias, residual, eps, rms):
     from ..kernels import layer_norm as K
 
@@ -151,12 +142,8 @@ def _bwd_triton(dy, h, weight, bias, mean, rstd, dh, rms):
     if not h.numel():
         dx.zero_(), dw.zero_(), db.zero_()
         return dx, dw, db
-    dw_part, db_part = K.bwd(_unit_cols(dy), _unit_cols(h), weight, mean, rstd, _unit_cols(dh), dx,
-                             weight is not None, bias is not None, rms, _num_programs(h.device))
-    if weight is not None:
-        dw.copy_(dw_part.sum(0))
-    if bias is not None:
-        db.copy_(db_part.sum(0))
+    K.bwd(_unit_cols(dy), _unit_cols(h), weight, mean, rstd, _unit_cols(dh), dx,
+          dw if weight is not None else None, db if bias is not None else None, rms)
     return dx, dw, db
 
 
