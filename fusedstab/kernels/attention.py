@@ -46,6 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import gpu_of
+
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
 _ACC = {torch.float16: tl.float32, torch.bfloat16: tl.float32, torch.float32: tl.float32,
@@ -470,10 +472,11 @@ def _config(kind: str, head_block: int, dtype: torch.dtype, device: torch.device
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one kernel: the table row; 32 x 32 tiles for fp32
     (larger ones spill); 8 warps under dropout (Philox's state on a 128 x 64 tile spills at 4); blocks
     no longer than the sequences."""
-    if _interpret() or device.type != "cuda":
+    gpu = gpu_of(device)
+    if gpu is None:  # the interpreter
         bm, bn = INTERPRET_BLOCKS
         return bm, bn, 4, 1
-    major, minor = torch.cuda.get_device_capability(device)
+    major, minor = gpu.capability
     table = _BIG_SMEM if (major, minor) in ((8, 0), (9, 0), (10, 0)) else _SMALL_SMEM
     row = table[64 if head_block <= 64 else 128 if head_block <= 128 else 256]
     bm, bn, warps, stages = row[_KERNEL[kind]]
