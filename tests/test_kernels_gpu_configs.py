@@ -145,3 +145,62 @@ def test_layer_norm_paths():
     chunk = dict(paths[(32768, 16384)])["_bwd_split_chunk_kernel"]
     assert chunk[0] == 4 and chunk[0] * chunk[1] <= 2 * 132 + 4  # chunks x row groups: ~2 programs per SM
 
+
+# ----------------------------------------------------------------------------- multi-tensor (clipping)
+def _grads(aligned: bool, dtype=torch.float32):
+    """Tensors of whole blocks and tails (and more than a chunk), cut from one flat buffer at 16-byte
+    aligned offsets, or at an odd element offset (addresses that are not)."""
+    from fusedstab.kernels import multi_tensor as K
+
+    sizes = [K.CHUNK + 3 * K.BLOCK + 5, 2 * K.BLOCK, 7, 0, K.BLOCK + 1]
+    flat = torch.randn(sum(sizes) + 64 * len(sizes), dtype=dtype)
+    out, at = [], 0 if aligned else 1
+    for n in sizes:
+        out.append(flat[at:at + n])
+        at += -(-(n + 1) // 64) * 64 + (0 if aligned else 1)
+    assert all((t.data_ptr() % 16 == 0) == aligned for t in out if t.numel())
+    return out
+
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])
+@pytest.mark.parametrize("norm_type", [2.0, float("inf"), float("-inf"), 1.5, 0.0])
+def test_multi_tensor_norm(aligned, norm_type):
+    from fusedstab import reference
+    from fusedstab.kernels import multi_tensor as K
+
+    ts = _grads(aligned)
+    ts[0][5] = 0.0
+    with common.simulate_gpu():
+        got = K.norm(ts, norm_type, torch.float32)
+    torch.testing.assert_close(got, reference.multi_tensor_norm(ts, norm_type).float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])
+def test_multi_tensor_scale(aligned):
+    from fusedstab.kernels import multi_tensor as K
+
+    ts = _grads(aligned)
+    want = [t * 0.37 for t in ts]
+    with common.simulate_gpu():
+        K.scale_(ts, torch.tensor([0.37]), False)
+    for t, w in zip(ts, want):
+        torch.testing.assert_close(t, w)
+
+
+def test_multi_tensor_alignment_flag():
+    """ALIGNED (tl.multiple_of on the chunk pointer: 16-byte vector loads) only when every tensor is
+    16-byte aligned; one unaligned tensor turns it off for the list."""
+    from fusedstab.kernels import multi_tensor as K
+
+    for aligned in (True, False):
+        ts = _grads(aligned)
+        with common.simulate_gpu(), introspect.record_launches() as launches:
+            K.norm(ts, 2.0, torch.float32)
+            K.scale_(ts, torch.tensor([1.0]), False)
+        flags = {launch.name: launch.kwargs.get("ALIGNED") for launch in launches if "chunks" in launch.name}
+        assert flags == {"_norm_chunks_kernel": aligned, "_scale_chunks_kernel": aligned}
+    mixed = _grads(True)[:2] + _grads(False)[:1]
+    with introspect.record_launches() as launches:
+        K.norm(mixed, 2.0, torch.float32)
+    assert launches[0].kwargs["ALIGNED"] is False
+
