@@ -204,3 +204,16 @@ def test_multi_tensor_alignment_flag():
         K.norm(mixed, 2.0, torch.float32)
     assert launches[0].kwargs["ALIGNED"] is False
 
+
+
+# ----------------------------------------------------------------------------- bias + Leaky ReLU
+@pytest.mark.parametrize("shape,dim", [((37, 100), -1), ((3, 12, 5, 7), 1), ((2, 8, 9, 3), -1)],
+                         ids=["cols-100", "nchw-rows", "cols-3"])
+@pytest.mark.parametrize("slope", [0.01, -0.5])
+def test_bias_leaky_relu(shape, dim, slope):
+    """A negative slope saves the sign bits: backward loads them as a byte tile and expands them in
+    registers (row lengths that are not multiples of 8 end in a partial byte)."""
+    x = torch.randn(shape).requires_grad_()
+    b = torch.randn(shape[dim]).requires_grad_()
+    got, want = _both(lambda x, b: FF.bias_leaky_relu(x, b, slope, dim=dim), x, b)
+    _close(got, want, rtol=1e-5, atol=1e-5)
