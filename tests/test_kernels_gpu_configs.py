@@ -217,3 +217,27 @@ def test_bias_leaky_relu(shape, dim, slope):
     b = torch.randn(shape[dim]).requires_grad_()
     got, want = _both(lambda x, b: FF.bias_leaky_relu(x, b, slope, dim=dim), x, b)
     _close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- Linear + Leaky ReLU autotune
+def test_linear_autotune_key_buckets_m_and_names_the_epilogue():
+    from fusedstab.kernels import linear_leaky_relu as K
+
+    keys = K._linear_leaky_relu_kernel.keys
+    assert "M" not in keys and "M_BUCKET" in keys and {"HAS_B", "SAVE_MASK", "N", "K"} <= set(keys)
+    assert [K.m_bucket(m) for m in (1, 16, 17, 100, 128, 129, 8192, 10 ** 6)] == \
+        [16, 16, 32, 128, 128, 256, 8192, 16384]
+
+
+def test_linear_mask_epilogue_leaves_out_spilling_configs():
+    """With SAVE_MASK the 128x256 / 256x128 (8 warps) and 128x128 (4 warps) tiles spill for sm_90a
+    (kernel report): pruned, whatever the call; without it every config stays."""
+    from fusedstab.kernels import linear_leaky_relu as K
+
+    configs = K.gpu_configs()
+    tiles = lambda cs: {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps) for c in cs}  # noqa: E731
+    assert K.prune_configs(configs, {}, SAVE_MASK=False) == configs
+    kept = tiles(K.prune_configs(configs, {}, SAVE_MASK=True))
+    assert not kept & {(128, 256, 64, 8), (256, 128, 64, 8), (128, 128, 64, 4)}
+    assert (128, 128, 64, 8) in kept and len(kept) >= 5
+
