@@ -241,3 +241,76 @@ def test_linear_mask_epilogue_leaves_out_spilling_configs():
     assert not kept & {(128, 256, 64, 8), (256, 128, 64, 8), (128, 128, 64, 4)}
     assert (128, 128, 64, 8) in kept and len(kept) >= 5
 
+
+# ----------------------------------------------------------------------------- attention
+def _attention_truth(q, k, v, do, causal):
+    qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
+    o = torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, is_causal=causal,
+                                                         enable_gqa=q.shape[1] != k.shape[1])
+    o.backward(do.double())
+    return o.detach(), qd.grad, kd.grad, vd.grad
+
+
+def _attention_inputs(B, Hq, Hkv, L, S, E):
+    g = torch.Generator().manual_seed(3)
+    q, do = torch.randn(B, Hq, L, E, generator=g), torch.randn(B, Hq, L, E, generator=g)
+    k, v = torch.randn(B, Hkv, S, E, generator=g), torch.randn(B, Hkv, S, E, generator=g)
+    return q, k, v, do
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_split_kv_forward(causal):
+    """Decoding shapes: 3 query rows, 300 keys, 4 programs on an 8-SM GPU: keys split over 4 programs
+    per query block, partials merged (causal: most splits see no key, lse -inf there)."""
+    from fusedstab.kernels import attention as A
+
+    q, k, v, do = _attention_inputs(1, 4, 2, 3, 300, 32)
+    with common.simulate_gpu(SMALL_GPU), introspect.record_launches() as launches:
+        A.attention_fwd(q, k, v, causal=causal, scale=32 ** -0.5)
+    assert [launch.name for launch in launches] == ["_attn_fwd_kernel", "_split_kv_combine_kernel"]
+    assert launches[0].arg("KV_SPLIT") == 4
+    with common.simulate_gpu(SMALL_GPU):
+        o, lse = A.attention_fwd(q, k, v, causal=causal, scale=32 ** -0.5)
+    to = _attention_truth(q, k, v, do, causal)[0]
+    torch.testing.assert_close(o.double(), to, rtol=1e-5, atol=1e-5)
+    s = (q.double() @ k.double().repeat_interleave(2, 1).transpose(-1, -2)) * 32 ** -0.5
+    if causal:
+        s = s.masked_fill(~torch.ones(3, 300, dtype=torch.bool).tril(), float("-inf"))
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_split_kv_dropout_same_mask():
+    """Dropout names each element by its position, so the split forward keeps exactly the elements the
+    unsplit one keeps."""
+    from fusedstab.kernels import attention as A
+
+    q, k, v, _ = _attention_inputs(1, 2, 2, 3, 200, 16)
+    kw = dict(scale=0.25, dropout_p=0.3, seed=11, offset=2)
+    with common.simulate_gpu(SMALL_GPU):
+        o_split, lse_split = A.attention_fwd(q, k, v, **kw)
+    o, lse = A.attention_fwd(q, k, v, **kw)  # the interpreter's launches: no split
+    torch.testing.assert_close(o_split, o, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse_split, lse, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_mqa_backward_group_split(causal):
+    """MQA at batch 1: the dk/dv grid has 2 programs on an 8-SM GPU, so the loop over the 8 query
+    heads is split over 8 programs whose fp32 partials are summed in a fixed order."""
+    from fusedstab.kernels import attention as A
+
+    q, k, v, do = _attention_inputs(1, 8, 1, 40, 40, 16)
+    with common.simulate_gpu(SMALL_GPU):
+        o, lse = A.attention_fwd(q, k, v, causal=causal, scale=0.25)
+        with introspect.record_launches() as launches:
+            A.attention_bwd(do, q, k, v, o, lse, causal=causal, scale=0.25)
+        dq, dk, dv, _ = A.attention_bwd(do, q, k, v, o, lse, causal=causal, scale=0.25)
+    dkdv = [launch for launch in launches if launch.name == "_attn_bwd_dkdv_kernel"][0]
+    assert dkdv.arg("GSPLIT") == 8
+    qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
+    s = (qd @ kd.transpose(-1, -2)) * 0.25
+    if causal:
+        s = s.masked_fill(~torch.ones(40, 40, dtype=torch.bool).tril(), float("-inf"))
+    (torch.softmax(s, -1) @ vd).backward(do.double())
+    for got, want in ((dq, qd.grad), (dk, kd.grad), (dv, vd.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
