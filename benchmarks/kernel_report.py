@@ -183,7 +183,7 @@ _LD = re.compile(r"\bld\.global(?:\.[a-zA-Z0-9:_]+)*?(?:\.v(\d))?\.([busf])(\d+)
 _ST = re.compile(r"\bst\.global(?:\.[a-zA-Z0-9:_]+)*?(?:\.v(\d))?\.([busf])(\d+)\b")
 
 
-_CP_ASYNC = re.compile(r"\bcp\.async\.c[ag]\.shared\.global(?:\.[\w:]+)*\s+\[[^\]]*\],\s*\[[^\]]*\],\s*(\d+)")
+_CP_ASYNC = re.compile(r"\bcp\.async\.c[ag]\.shared\.global(?:\.[\w:]+)*\s+\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)")
 
 
 def _widest(ptx: str, pattern) -> int:
@@ -192,7 +192,7 @@ def _widest(ptx: str, pattern) -> int:
         best = max(best, int(vec or 1) * int(bits))
     if pattern is _LD:  # global -> shared copies (pipelined loads: attention, matmul) count as loads
         for size in _CP_ASYNC.findall(ptx):
-            best = max(best, 8 * int(size))
+            best = max(best, 8 * int(size, 0))
     return best
 
 
@@ -361,6 +361,15 @@ def write_table(variants, results, path: Path, seconds: float, triton_version: s
     for v, r in zip(variants, results):
         rows.append((v, r, problems(v, r)))
     rows.sort(key=lambda t: (t[0].kernel.fn.__module__, t[0].name, t[0].dtype, t[0].describe()))
+    shown: dict = {}  # variants that differ only in argument alignment and compile alike: one row
+    for v, r, probs in rows:
+        key = (v.kernel.fn.__module__, v.name, v.dtype, v.describe(), v.aligned, tuple(probs),
+               tuple(r.get(k) for k in ("error", "regs", "spill_st", "spill_ld", "stack", "smem", "ld_bits", "st_bits")))
+        if key in shown:
+            shown[key][0].labels.extend(v.labels)
+        else:
+            shown[key] = (dataclasses.replace(v, labels=list(v.labels)), r, probs)
+    table_rows = list(shown.values())
     lines = [
         "# Kernel report: every Triton kernel compiled for sm_90a",
         "",
@@ -377,7 +386,7 @@ def write_table(variants, results, path: Path, seconds: float, triton_version: s
         "| module | kernel | dtype | variant | regs | spill st/ld | stack | smem | ld bits | st bits | aligned | first case (+ more) | check |",
         "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |",
     ]
-    for v, r, probs in rows:
+    for v, r, probs in table_rows:
         mod = v.kernel.fn.__module__.rsplit(".", 1)[-1]
         more = f" (+{len(v.labels) - 1})" if len(v.labels) > 1 else ""
         if "error" in r:
