@@ -39,20 +39,12 @@ def _triton_on_cpu_needs_interpreter(request):
 
 # ----------------------------------------------------------------------------- program order
 # The interpreter runs a grid's programs one after another, in order: a kernel that relies on program
-# order (one program reading what a lower-numbered one wrote) passes on CPU and races on a GPU. Tests
-# marked ``program_order`` run twice: programs in order, and in reverse (every grid index mirrored).
-def pytest_configure(config):
-    config.addinivalue_line("markers", "program_order: run twice, the interpreter's programs in order and reversed")
-
-
-def pytest_generate_tests(metafunc):
-    if metafunc.definition.get_closest_marker("program_order") is not None:
-        metafunc.fixturenames.append("_program_order")
-        metafunc.parametrize("_program_order", ["in_order", "reversed"], indirect=True)
-
-
-@pytest.fixture
-def _program_order(request, monkeypatch):
+# order (one program reading what a lower-numbered one wrote) passes on CPU and races on a GPU. A test
+# that uses the ``program_order`` fixture (``pytestmark = pytest.mark.usefixtures("program_order")``)
+# runs twice: programs in order, and in reverse (every grid index mirrored). A parametrized fixture,
+# not a collection hook, so that it composes with any other hook of this file.
+@pytest.fixture(params=["in_order", "reversed"])
+def program_order(request, monkeypatch):
     if request.param == "reversed" and INTERPRET:
         from triton.runtime.interpreter import interpreter_builder as builder
 

@@ -4,8 +4,8 @@ Under ``common.simulate_gpu()`` the launchers choose the grids, splits and tiles
 SMs), whatever the tensors' device; the interpreter runs those launches on CPU tensors. So the
 multi-program paths that only a GPU takes (rows split across programs, channel tiles spread over
 programs, key ranges split, group loops split) are checked here against the torch backend, at small
-shapes. Every test is marked ``program_order``: it runs with the interpreter's programs in order and
-reversed (tests/conftest.py), so a kernel that relies on program order fails on CPU.
+shapes. Every test uses the ``program_order`` fixture (tests/conftest.py): it runs with the
+interpreter's programs in order and reversed, so a kernel that relies on program order fails on CPU.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import fusedstab
 import fusedstab.functional as FF
 from fusedstab.kernels import common, introspect
 
-pytestmark = [pytest.mark.program_order,
+pytestmark = [pytest.mark.usefixtures("program_order"),
               pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the interpreter")]
 
 
@@ -55,10 +55,10 @@ def _order_kernel(COUNTER, OUT):
     tl.store(OUT + slot, tl.program_id(0))
 
 
-def test_program_order_plugin(_program_order):
+def test_program_order_plugin(program_order):
     counter, out = torch.zeros(1, dtype=torch.int32), torch.zeros(5, dtype=torch.int32)
     _order_kernel[(5,)](counter, out)
-    expect = list(range(5)) if _program_order == "in_order" else list(range(4, -1, -1))
+    expect = list(range(5)) if program_order == "in_order" else list(range(4, -1, -1))
     assert out.tolist() == expect
 
 
