@@ -171,7 +171,7 @@ def test_multi_tensor_norm(aligned, norm_type):
     ts = _grads(aligned)
     ts[0][5] = 0.0
     with common.simulate_gpu():
-        got = K.norm(ts, norm_type, torch.float32)
+        got = K.norm(ts, norm_type, torch.empty(len(ts)))
     torch.testing.assert_close(got, reference.multi_tensor_norm(ts, norm_type).float(), rtol=1e-5, atol=1e-5)
 
 
@@ -195,13 +195,13 @@ def test_multi_tensor_alignment_flag():
     for aligned in (True, False):
         ts = _grads(aligned)
         with common.simulate_gpu(), introspect.record_launches() as launches:
-            K.norm(ts, 2.0, torch.float32)
+            K.norm(ts, 2.0, torch.empty(len(ts)))
             K.scale_(ts, torch.tensor([1.0]), False)
         flags = {launch.name: launch.kwargs.get("ALIGNED") for launch in launches if "chunks" in launch.name}
         assert flags == {"_norm_chunks_kernel": aligned, "_scale_chunks_kernel": aligned}
     mixed = _grads(True)[:2] + _grads(False)[:1]
     with introspect.record_launches() as launches:
-        K.norm(mixed, 2.0, torch.float32)
+        K.norm(mixed, 2.0, torch.empty(len(mixed)))
     assert launches[0].kwargs["ALIGNED"] is False
 
 

@@ -245,8 +245,8 @@ def clip_cases(sizes_list, dtypes):
             def thunk(sizes=sizes, dtype=dtype):
                 ts = [_meta(n, dtype=dtype) for n in sizes]
                 acc = _acc(dtype)
-                K.norm(ts, 2.0, acc)
-                K.norm(ts, float("inf"), acc)
+                K.norm(ts, 2.0, _meta(len(ts), dtype=acc))
+                K.norm(ts, float("inf"), _meta(len(ts), dtype=acc))
                 K.scale_(ts, _meta(1, dtype=acc), False)
             aligned = all(n % 16 == 0 for n in sizes)
             cases.append((f"clip {len(sizes)} tensors {max(sizes)} {dtype}" + (" [aligned]" if aligned else ""), thunk))

@@ -81,11 +81,11 @@ def _norm_triton(tensors, norm_type):
     from ..kernels import multi_tensor as K
 
     fast, slow = _split(tensors)
-    if not slow:
-        return K.norm(tensors, norm_type, _acc(tensors))
     out = tensors[0].new_empty((len(tensors),), dtype=_acc(tensors))
+    if not slow:
+        return K.norm(tensors, norm_type, out)
     if fast:
-        out[fast] = K.norm([tensors[i] for i in fast], norm_type, out.dtype)
+        out[fast] = K.norm([tensors[i] for i in fast], norm_type, out.new_empty((len(fast),)))
     out[slow] = reference.multi_tensor_norm([tensors[i] for i in slow], norm_type).to(out.dtype)
     return out
 
