@@ -14,7 +14,7 @@ Three shapes of kernel:
 - split (long rows in backward; any row of >= SPLIT_MIN_N elements when rows are fewer than SMs):
   each row's reduction is split over SPLIT programs (grid (M, SPLIT)) that write partial statistics
   to a small (M, ., SPLIT) buffer; a second kernel combines a row's partials in a fixed order and
-  finishes. Backward's second kernel runs on a (row group, chunk) grid whose programs keep their
+  finishes. Backward's second kernel runs on a (chunk, row group) grid whose programs keep their
   chunk of dw/db in registers over their rows: the partial buffer is (row groups, N), written once
   (the chunked backward this replaces read-modify-wrote a 2 x SMs x N buffer per chunk of every row).
 Offsets that multiply a program index by a size are int64.
@@ -407,7 +407,7 @@ def bwd(dy, x, weight, mean, rstd, dh, dx, dw, db, rms: bool):
         db_part = x.new_empty((grid, N), dtype=acc) if db is not None else None
         _bwd_rows_kernel[(grid,)](dy, x, weight, mean, rstd, dh, dx, dw_part, db_part, M, N, *strides, **common,
                                   BLOCK_M=block_m, BLOCK_N=block_n, W_IN_LOOP=block_n >= 8192, num_warps=num_warps)
-    else:  # long rows, or few: row sums split over programs, then a (row group, chunk) grid
+    else:  # long rows, or few: row sums split over programs, then a (chunk, row group) grid
         split = _split(M, N, x.device)
         part = x.new_empty((M, 2, split), dtype=acc)
         _bwd_split_sums_kernel[(M, split)](dy, x, weight, mean, rstd, part, M, N, dy.stride(0), x.stride(0),
