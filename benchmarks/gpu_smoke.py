@@ -188,6 +188,9 @@ def main(argv=None) -> int:
 
     device = "cuda" if torch.cuda.is_available() and not a.tiny else "cpu"
     backends = sorted(fusedstab.available_backends())
+    unavailable = getattr(fusedstab.backend, "unavailable", None)  # (name, device) -> reason or None
+    if unavailable is not None:  # e.g. the C++ cpu backend on CUDA tensors: not a failure, not a case
+        backends = [b for b in backends if unavailable(b, device) is None]
     dtypes = [torch.float32, torch.float16, torch.bfloat16]
     if device == "cpu":  # the interpreter: bf16 loads are unreliable there (DESIGN.md)
         dtypes = [torch.float32, torch.float16] if not a.tiny else [torch.float32]
