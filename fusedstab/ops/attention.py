@@ -160,7 +160,11 @@ def _precise(q: Tensor) -> bool:
 
 
 def _allow_tf32(q: Tensor) -> bool:
-    return q.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    if q.device.type != "cuda" or q.dtype != torch.float32:  # the flag concerns fp32 matmuls only
+        return False
+    from ..kernels.common import fp32_matmul_allows_tf32  # the new API where it exists (torch >= 2.9)
+
+    return fp32_matmul_allows_tf32()
 
 
 def _fwd_triton(outs, q, k, v, mask, causal, scale, dropout_p, seed, offset):

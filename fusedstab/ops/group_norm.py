@@ -145,9 +145,12 @@ def _fwd_triton(outs, x, weight, bias, G, eps, act, slope):
     from ..kernels import batch_norm as KB
     from ..kernels import group_norm as K
 
+    y, mean, rstd = outs
+    if x.shape[2] == 1 and K.rows_ok(x.shape[1], G):  # (N, C) rows: a group is C/G adjacent channels
+        K.rows_fwd(x[:, :, 0], weight, bias, y[:, :, 0], mean, rstd, G, eps, act, slope)
+        return
     if channels_inner(x):
         return _fwd_channels_inner(outs, x, weight, bias, G, eps, act, slope)
-    y, mean, rstd = outs
     count, gmean, m2 = KB.combine(K.fwd_stats(x, G), acc_dtype(x.dtype))  # per group, (N*G,) each
     mean.copy_(gmean.view(mean.shape)), rstd.copy_(torch.rsqrt(m2 / count + eps).view(rstd.shape))
     K.fwd_norm(x, weight, bias, y, mean, rstd, G, act, slope)
@@ -156,9 +159,13 @@ def _fwd_triton(outs, x, weight, bias, G, eps, act, slope):
 def _bwd_triton(outs, dy, x, weight, bias, mean, rstd, G, act, slope):
     from ..kernels import group_norm as K
 
+    dx, dw, db = outs
+    if x.shape[2] == 1 and K.rows_ok(x.shape[1], G):
+        K.rows_bwd(dy[:, :, 0], x[:, :, 0], weight, bias, mean, rstd, dx[:, :, 0], dw if weight is not None else None,
+                   db if bias is not None else None, G, act, slope)
+        return
     if channels_inner(x):
         return _bwd_channels_inner(outs, dy, x, weight, bias, mean, rstd, G, act, slope)
-    dx, dw, db = outs
     gpart, cpart = K.bwd_reduce(dy, x, weight, bias, mean, rstd, G, act, slope)
     K.bwd_dx(dy, x, weight, bias, dx, mean, rstd, gpart.sum(1), G, act, slope)
     if weight is not None:

@@ -136,15 +136,10 @@ def _fwd_triton(outs, x, weight, bias, residual, eps, rms):
 
 def _bwd_triton(outs, dy, h, weight, bias, mean, rstd, dh, rms):
     from ..kernels import layer_norm as K
-    from ..kernels.common import target_programs
 
     dx, dw, db = outs
-    dw_part, db_part = K.bwd(dy, h, weight, mean, rstd, dh, dx, weight is not None, bias is not None, rms,
-                             target_programs(h.device, 2))
-    if weight is not None:
-        dw.copy_(dw_part.sum(0))
-    if bias is not None:
-        db.copy_(db_part.sum(0))
+    K.bwd(dy, h, weight, mean, rstd, dh, dx, dw if weight is not None else None, db if bias is not None else None,
+          rms)
 
 
 backend.register("layer_norm_fwd", "triton", _fwd_triton, _triton_ok)
