@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import BLOCK, _TL, table
+from .multi_tensor import BLOCK, _TL, _chunk_ptr, table
 
 FIXED, ZCLIP, QUANTILE = 0, 1, 2
 MODES = {"fixed": FIXED, "zclip": ZCLIP, "quantile": QUANTILE}
@@ -25,23 +25,32 @@ _ZCLIP, _QUANTILE = tl.constexpr(ZCLIP), tl.constexpr(QUANTILE)  # a jit functio
 
 
 @triton.jit
+def _stats_step(sq, bad, nan, mx, a):
+    """Fold |x| of one block into the running sums (padding lanes hold 0: finite, adding nothing)."""
+    sq += a * a
+    bad += (~(a < float("inf"))).to(tl.int32)  # NaN and Inf
+    nan = tl.maximum(nan, (a != a).to(tl.int32))
+    return sq, bad, nan, tl.maximum(mx, a)
+
+
+@triton.jit
 def _stats_chunks_kernel(ADDR, START, LEN, PARTIAL, NC, DTYPE: tl.constexpr, ACC_T: tl.constexpr,
-                         BLOCK: tl.constexpr):
-    """PARTIAL (3, NC): chunk c's sum x^2, non-finite count, max |x| (NaN if one was NaN)."""
+                         ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """PARTIAL (3, NC): chunk c's sum x^2, non-finite count, max |x| (NaN if one was NaN). Whole blocks
+    unmasked then a masked tail, as multi_tensor's norm kernel: 16-byte loads where aligned."""
     c = tl.program_id(0)
-    ptr = tl.load(ADDR + c).to(tl.pointer_type(DTYPE)) + tl.load(START + c)
+    ptr = _chunk_ptr(ADDR, START, c, DTYPE, ALIGNED)
     n = tl.load(LEN + c)
     sq = tl.zeros([BLOCK], ACC_T)
     bad = tl.zeros([BLOCK], tl.int32)
     mx = tl.zeros([BLOCK], ACC_T)
     nan = tl.zeros([BLOCK], tl.int32)
-    for s in range(0, n, BLOCK):
-        o = s + tl.arange(0, BLOCK)
-        a = tl.abs(tl.load(ptr + o, mask=o < n, other=0.0).to(ACC_T))  # masked lanes: 0, finite
-        sq += a * a
-        bad += (~(a < float("inf"))).to(tl.int32)  # NaN and Inf
-        nan = tl.maximum(nan, (a != a).to(tl.int32))
-        mx = tl.maximum(mx, a)
+    offs = tl.arange(0, BLOCK)
+    n_full = (n // BLOCK) * BLOCK
+    for s in range(0, n_full, BLOCK):
+        sq, bad, nan, mx = _stats_step(sq, bad, nan, mx, tl.abs(tl.load(ptr + (s + offs)).to(ACC_T)))
+    o = n_full + offs  # the tail (possibly empty)
+    sq, bad, nan, mx = _stats_step(sq, bad, nan, mx, tl.abs(tl.load(ptr + o, mask=o < n, other=0.0).to(ACC_T)))
     tl.store(PARTIAL + c, tl.sum(sq, axis=0))
     tl.store(PARTIAL + NC + c, tl.sum(bad, axis=0).to(ACC_T))
     tl.store(PARTIAL + 2 * NC + c, tl.where(tl.max(nan, axis=0) > 0, float("nan"), tl.max(mx, axis=0)))
@@ -78,7 +87,7 @@ def stats(tensors, out: torch.Tensor) -> None:
     partial = torch.empty(3, tab.num_chunks, dtype=acc, device=out.device)
     _stats_chunks_kernel[(tab.num_chunks,)](
         tab.addr, tab.start, tab.length, partial, tab.num_chunks, DTYPE=_TL[tensors[0].dtype], ACC_T=_TL[acc],
-        BLOCK=BLOCK, num_warps=8)
+        ALIGNED=tab.aligned, BLOCK=BLOCK, num_warps=8)
     _stats_per_tensor_kernel[(tab.num_tensors,)](partial, tab.num_chunks, tab.offsets, out, tab.num_tensors,
                                                  BLOCK=256, num_warps=4)
 

@@ -236,7 +236,9 @@ def attention_cases(shapes, dtypes, variants=("plain",)):
 
 
 def clip_cases(sizes_list, dtypes):
-    """Lists of tensor sizes: fusedstab.kernels.multi_tensor's norm and scale launches (norm 2 and inf)."""
+    """Lists of tensor sizes: fusedstab.kernels.multi_tensor's norm and scale launches (norm 2 and inf),
+    and the gradient statistics of fusedstab.kernels.grad_stats over the same chunk table."""
+    from . import grad_stats as GS
     from . import multi_tensor as K
 
     cases = []
@@ -248,6 +250,7 @@ def clip_cases(sizes_list, dtypes):
                 K.norm(ts, 2.0, _meta(len(ts), dtype=acc))
                 K.norm(ts, float("inf"), _meta(len(ts), dtype=acc))
                 K.scale_(ts, _meta(1, dtype=acc), False)
+                GS.stats(ts, _meta(3, len(ts), dtype=acc))
             aligned = all(n % 16 == 0 for n in sizes)
             cases.append((f"clip {len(sizes)} tensors {max(sizes)} {dtype}" + (" [aligned]" if aligned else ""), thunk))
     return cases
