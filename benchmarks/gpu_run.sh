@@ -4,9 +4,10 @@
 # it has it, and starts no stage that would not end within --budget:
 #
 #   0 machine   nvidia-smi, python / torch / triton versions
-#   1 build     the C++/CUDA extension (the stage is a placeholder until the extension lands)
+#   1 build     the C++ extension: the CPU library and the CUDA one (JIT, every core, this arch)
 #   2 smoke     every op on every backend, fp32 / fp16 / bf16, forward + backward vs torch (gpu_smoke.py)
 #   3 tests     the GPU tests (pytest -m gpu -x), the fast files first
+#   3b cuda     the cuda backend on the op tests, compute-sanitizer memcheck / racecheck
 #   4 core      one or two shapes per op (the harness's --quick sets), fwd and bwd, bf16, against
 #               eager, torch.compile and the peers; clipping in its own modes
 #   5 sweep     the full sweep, op by op, while time remains (attention last: the longest)
@@ -123,10 +124,15 @@ if [ "$DRY" = 1 ]; then
 fi
 
 # ----------------------------------------------------------------------------- 1 build
-# The C++/CUDA extension is built here, first (the smoke test and the tests need it), e.g.
-#   stage build build 240 env MAX_JOBS=16 pip install --no-build-isolation --no-deps -e .
-# Until the extension lands there is nothing to build.
-if wanted build; then record build ok 0 "nothing to build yet (placeholder for the C++/CUDA extension)"; fi
+# The C++ extension first (the smoke test and the tests need it): the CPU library (the op schemas and
+# the cpu backend) and the CUDA one (the cuda backend), JIT-built with every core for this device's
+# arch only. On the dry run there is no device: the CUDA library is (correctly) absent.
+stage build build 240 env MAX_JOBS="$(nproc)" python -c "
+import time
+from fusedstab import extension
+t = time.time(); cpu = extension.load(); cuda = extension.load_cuda()
+print(f'cpu library: {cpu or \"loaded\"}; cuda library: {cuda or \"loaded\"}; {time.time() - t:.0f}s')
+raise SystemExit(1 if cpu or (cuda and cuda != 'no CUDA device') else 0)"
 
 # ----------------------------------------------------------------------------- 2 smoke
 if [ "$DRY" = 1 ]; then
@@ -145,6 +151,13 @@ if [ "$DRY" = 1 ]; then
     stage tests tests 60 python -m pytest -q --collect-only -m gpu $FAST $REST
 else
     stage tests tests 240 python -m pytest -q -x -m gpu -p no:cacheprovider $FAST $REST
+fi
+
+# ----------------------------------------------------------------------------- 3b cuda
+# The cuda backend on the op tests, then compute-sanitizer memcheck / racecheck over every CUDA kernel
+# (benchmarks/gpu_cuda_stage.sh; its own tests ran in stage 3, its timings come from the harness).
+if [ "$DRY" != 1 ]; then
+    stage cuda cuda 150 env CUDA_STAGE_TESTS=0 CUDA_STAGE_BENCH=0 OUT="$OUTDIR/cuda" bash benchmarks/gpu_cuda_stage.sh
 fi
 
 # ----------------------------------------------------------------------------- 4 core, 5 sweep
