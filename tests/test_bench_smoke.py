@@ -22,7 +22,8 @@ SHAPE_KEYS = {"clip_grad_norm": {"model", "tensors", "numel"},  # every other op
               "linear_leaky_relu": {"M", "K", "N", "tflops"},
               "group_norm": {"shape", "groups", "layout", "act"},
               "batch_norm": {"shape", "layout", "act"},
-              "attention": {"B", "H", "L", "E", "causal", "tflops"}}
+              "attention": {"B", "H", "L", "E", "causal", "tflops"},
+              "train_step": {"model", "batch", "params", "tflops"}}
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 
-from .case import AUTOGRAD_MODES, CLIP_MODES, MODES, Case, Config, Provider
+from .case import AUTOGRAD_MODES, CLIP_MODES, MODES, TRAIN_MODES, Case, Config, Provider
 
 OPS = {
     "layer_norm": "fusedstab.bench.norms:layer_norm",
@@ -24,6 +24,7 @@ OPS = {
     "group_norm": "fusedstab.bench.group_norm:group_norm",
     "batch_norm": "fusedstab.bench.batch_norm:batch_norm",
     "attention": "fusedstab.bench.attention:attention",
+    "train_step": "fusedstab.bench.train_step:train_step",
 }
 
 
@@ -32,4 +33,4 @@ def load_cases(op: str, cfg: Config) -> list[Case]:
     return getattr(importlib.import_module(module), fn)(cfg)
 
 
-__all__ = ["AUTOGRAD_MODES", "CLIP_MODES", "MODES", "OPS", "Case", "Config", "Provider", "load_cases"]
+__all__ = ["AUTOGRAD_MODES", "CLIP_MODES", "MODES", "OPS", "TRAIN_MODES", "Case", "Config", "Provider", "load_cases"]
