@@ -68,9 +68,11 @@ def _gn(layout, activation):
         y = TF.group_norm(x, 2, w, b)
         return TF.silu(y) if activation == "silu" else y
 
-    x = _r(2, 4, 3, 5)
-    return lambda: (lambda x, w, b: F.group_norm(x, 2, w, b, activation=activation), th,
-                    [_cl(x) if layout == "channels_last" else x, _r(4), _r(4)], None, None)
+    def make():
+        x = _r(2, 4, 3, 5)
+        return (lambda x, w, b: F.group_norm(x, 2, w, b, activation=activation), th,
+                [_cl(x) if layout == "channels_last" else x, _r(4), _r(4)], None, None)
+    return make
 
 
 def _bn(training, shape, layout, activation):

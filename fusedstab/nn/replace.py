@@ -400,8 +400,8 @@ def _fuse_sequential_activations(model, report, wanted):
     """[..., GroupNorm / BatchNorm (fusedstab, no activation), ReLU / SiLU / LeakyReLU, ...] in an
     nn.Sequential: the norm's output goes only to the activation, so the two can be one kernel."""
     for seq_name, seq in list(model.named_modules()):
-        if not isinstance(seq, torch.nn.Sequential):
-            continue
+        if not isinstance(seq, torch.nn.Sequential) or type(seq).forward is not torch.nn.Sequential.forward:
+            continue  # a subclass with its own forward may use its children otherwise
         keys = list(seq._modules)
         for a, b in zip(keys, keys[1:]):
             norm, act = seq._modules[a], seq._modules[b]
