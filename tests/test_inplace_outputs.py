@@ -17,7 +17,6 @@ import pytest
 import torch
 import torch.nn.functional as TF
 
-import fusedstab
 import fusedstab.functional as F
 import fusedstab.nn as fnn
 
