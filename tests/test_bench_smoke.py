@@ -35,7 +35,8 @@ SHAPE_KEYS = {"layer_norm": {"M", "N"}, "rms_norm": {"M", "N"}, "add_layer_norm"
               "linear_leaky_relu": {"M", "K", "N", "tflops", "pct_matmul"},
               "group_norm": {"shape", "groups", "layout", "act"},
               "batch_norm": {"shape", "layout", "act"},
-              "attention": {"B", "H", "L", "E", "causal", "tflops", "pct_matmul"}}
+              "attention": {"B", "H", "L", "E", "causal", "tflops", "pct_matmul"},
+              "train_step": {"model", "batch", "params", "tflops"}}
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

@@ -55,6 +55,7 @@ def _window(norms, W):
 CASES = {
     "layer_norm_fwd": {
         "ln": lambda: (_r(5, 37), _r(37), _r(37), None, 1e-5, False),
+        "ln_3d_two_dims": lambda: (_r(2, 3, 5, 7), _r(35), _r(35), _r(2, 3, 5, 7), 1e-5, False, 2),
         "add_rms": lambda: (_r(5, 37), _r(37), None, _r(5, 37), 1e-5, True),
         "empty": lambda: (_r(0, 37), _r(37), _r(37), None, 1e-5, False),
     },
@@ -65,6 +66,7 @@ CASES = {
     "group_norm_fwd": {
         "silu": lambda: (_r(2, 6, 10, offset=1.0), _r(6), _r(6), 3, 1e-5, "silu", 0.01),
         "channels_last": lambda: (_r(2, 10, 6).transpose(1, 2), _r(6), None, 2, 1e-5, "leaky_relu", 0.2),
+        "nhwc_4d": lambda: (_r(2, 6, 3, 4).to(memory_format=torch.channels_last), _r(6), _r(6), 3, 1e-5, "relu", 0.01),
         "empty": lambda: (_r(0, 6, 10), _r(6), _r(6), 3, 1e-5, "none", 0.01),
     },
     "group_norm_bwd": {
@@ -77,6 +79,8 @@ CASES = {
     },
     "batch_norm_elemt": {
         "relu": lambda: (lambda x, w, b, m, r: (x, w, b, m, r, "relu", 0.01))(*_bn()),
+        "nhwc_4d": lambda: (lambda x, w, b, m, r: (x.view(4, 3, 2, 5).to(memory_format=torch.channels_last), w, b, m, r,
+                                                   "silu", 0.01))(*_bn()),
         "empty": lambda: (lambda x, w, b, m, r: (_r(0, 3, 10), w, b, m, r, "relu", 0.01))(*_bn()),
     },
     "batch_norm_bwd_reduce": {
@@ -88,19 +92,21 @@ CASES = {
         "eval": lambda: (lambda x, w, b, m, r: (_r(*x.shape), x, w, None, m, r, None, "none", 0.01))(*_bn()),
     },
     "bias_leaky_relu_fwd": {
-        "mask": lambda: (_r(6, 13), _r(13), -0.1, False),
-        "per_row": lambda: (_r(6, 13), _r(3), 0.2, True),
-        "empty": lambda: (_r(0, 13), _r(13), 0.2, False),
+        "mask": lambda: (_r(6, 13), _r(13), -0.1, 1),
+        "per_row": lambda: (_r(2, 3, 13), _r(3), 0.2, 1),
+        "channels_last": lambda: (_r(2, 3, 4, 5).to(memory_format=torch.channels_last), _r(3), -0.1, 1),
+        "empty": lambda: (_r(0, 13), _r(13), 0.2, 1),
     },
     "bias_leaky_relu_bwd": {
-        "mask": lambda: (_r(6, 13), OPS.bias_leaky_relu_fwd(_r(6, 13), None, -0.1, False)[1], -0.1, False, 13,
+        "mask": lambda: (_r(6, 13), OPS.bias_leaky_relu_fwd(_r(6, 13), None, -0.1, 1)[1], -0.1, False, 13,
                          torch.float32, True, True),
-        "per_row": lambda: (_r(6, 13), OPS.bias_leaky_relu_fwd(_r(6, 13), None, 0.2, False)[0], 0.2, True, 3,
+        "per_row": lambda: (_r(6, 13), OPS.bias_leaky_relu_fwd(_r(6, 13), None, 0.2, 1)[0], 0.2, True, 3,
                             torch.float32, True, True),
         "empty": lambda: (_r(0, 13), _r(0, 13), 0.2, False, 13, torch.float32, True, True),
     },
     "linear_leaky_relu_fwd": {
         "bias": lambda: (_r(5, 7), _r(3, 7), _r(3), 0.2),
+        "batched": lambda: (_r(2, 5, 7), _r(3, 7), _r(3), -0.2),
         "mask": lambda: (_r(5, 7).t().contiguous().t(), _r(3, 7), None, -0.5),
         "empty": lambda: (_r(0, 7), _r(3, 7), _r(3), 0.2),
     },

@@ -57,6 +57,10 @@ OPS: dict[str, OpInfo] = {
                         "F.scaled_dot_product_attention(q, k, v, is_causal=...)",
                         "B x H x L x E", "sequence length L (B x L fixed)",
                         "FlashAttention: softmax online, the L x L scores never in memory"),
+    "train_step": OpInfo("fusedstab.bench.train_step:train_step",
+                         "a training step: forward, loss, backward, clip_grad_norm_, AdamW",
+                         "model, batch", "",
+                         "every fused op of the model (norms, attention, activations, the clip)"),
 }
 
 
@@ -66,9 +70,9 @@ def load_cases(op: str, cfg) -> list:
 
 
 def __getattr__(name):  # the case types import torch: only when asked for
-    if name in ("AUTOGRAD_MODES", "CLIP_MODES", "MODES", "Case", "Config", "Provider"):
+    if name in ("AUTOGRAD_MODES", "CLIP_MODES", "MODES", "TRAIN_MODES", "Case", "Config", "Provider"):
         return getattr(importlib.import_module(".case", __name__), name)
     raise AttributeError(name)
 
 
-__all__ = ["AUTOGRAD_MODES", "CLIP_MODES", "MODES", "OPS", "Case", "Config", "OpInfo", "Provider", "load_cases"]
+__all__ = ["AUTOGRAD_MODES", "CLIP_MODES", "MODES", "OPS", "TRAIN_MODES", "Case", "Config", "OpInfo", "Provider", "load_cases"]

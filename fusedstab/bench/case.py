@@ -17,7 +17,8 @@ import torch
 
 AUTOGRAD_MODES = ("fwd", "bwd", "fwd+bwd")
 CLIP_MODES = ("norm", "clip")  # fusedstab.bench.clip_grad_norm
-MODES = AUTOGRAD_MODES + CLIP_MODES  # every mode some case may declare (the CLI's choices)
+TRAIN_MODES = ("step",)  # fusedstab.bench.train_step: forward, backward, clip and optimizer step
+MODES = AUTOGRAD_MODES + CLIP_MODES + TRAIN_MODES  # every mode some case may declare (the CLI's choices)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # How case descriptions name layouts and fused activations ("4x64x32x32 channels_last +SiLU").
 LAYOUT_NAME = {"nchw": "NCHW", "contiguous": "NCHW", "channels_last": "channels_last", "nc": ""}

@@ -31,11 +31,13 @@ from ..numerics import acc_dtype, unsupported
 
 def _o_like(q: Tensor, Ev: int) -> Tensor:
     """Empty (B, Hq, L, Ev) in q's dtype, its (B, Hq, L) dims in q's memory order, head dim innermost
-    (q taken as a (B, L, H, E).transpose(1, 2) view gives o in (B, L, H, Ev) memory)."""
-    order = sorted(range(3), key=lambda d: -q.stride(d))
-    shape = (*q.shape[:3], Ev)
-    t = q.new_empty([shape[d] for d in order] + [Ev])
-    return t.permute(*[order.index(d) for d in range(3)], 3)
+    (q taken as a (B, L, H, E).transpose(1, 2) view gives o in (B, L, H, Ev) memory). A tensor of its
+    own, not a permuted view: autograd forbids in-place ops on views made inside a custom Function."""
+    order = sorted(range(3), key=lambda d: -q.stride(d))  # outermost first
+    stride, size = [0, 0, 0, 1], Ev
+    for d in reversed(order):
+        stride[d], size = size, size * q.shape[d]
+    return q.new_empty_strided((*q.shape[:3], Ev), stride)
 
 
 def _lse(q: Tensor) -> Tensor:
