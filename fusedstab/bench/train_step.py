@@ -6,7 +6,7 @@ from the same initial weights):
            Linear + Leaky ReLU MLP), width 768, 12 heads, sequence 1024, batch 8, vocab 50304
   convnet  a ResNet-18-like conv net: a stem and 4 stages of 2 basic blocks (ConvNormAct with BatchNorm
            and ReLU, ``out += identity``), widths 64..512, 224 x 224 images, batch 64, channels_last
-On CPU (quick) both shrink to a few layers of width 64 / 16-32 channels; --smoke to one tiny layer.
+On CPU (quick) both shrink to a few layers of width 64 / 16-32 channels; --tiny to one tiny layer.
 fp16/bf16 (``--dtype``) runs under autocast with fp32 weights, as mixed-precision training does.
 
 Mode ``step``: the whole step, timed per call (the model keeps training across calls). bytes: a lower
@@ -96,7 +96,7 @@ def _conv_flops(model: ConvNet, image: int) -> int:
 
 # ----------------------------------------------------------------------------- sizes
 def _sizes(cfg: Config) -> dict:
-    if cfg.smoke:
+    if cfg.tiny:
         return {"gpt": dict(vocab=64, d=32, layers=1, heads=2, seq=8, batch=2),
                 "convnet": dict(widths=(8,), blocks=1, image=8, batch=2, classes=10)}
     if cfg.device == "cpu" and cfg.quick:
@@ -184,7 +184,7 @@ def train_step(cfg: Config) -> list[Case]:
         if cfg.compile:
             provs["compile"] = Provider(lambda n=name, s=s: Trainer(n, False, s, cfg, compiled=True))
         else:
-            skipped["compile"] = "torch.compile left out (--no-compile or --smoke)"
+            skipped["compile"] = "torch.compile left out (--no-compile or --tiny)"
         fp, fs = fusedstab_providers(lambda _f, n=name, s=s: (lambda: Trainer(n, True, s, cfg)), cfg, acts)
         provs.update(fp)
         skipped.update(fs)
