@@ -133,6 +133,17 @@ def test_large_offset_keeps_fp32_precision(C, rms):
     assert err <= 2 * err_torch + 1e-6, (err, err_torch)
 
 
+def test_shift_far_from_the_mean(C):
+    """The one-pass sums are taken around the mean of a row's first 8 values: rows whose first values
+    are outliers need the kernel's second pass around the mean (1-pass: ~5e-4 relative error here)."""
+    x = torch.randn(4, 65536)
+    x[:, :8] += 1e6
+    y, _, mean, rstd = fwd(C, x, None, None, None, False)
+    y64, _, m64, r64 = reference.norm_fwd(x.double(), None, None, None, EPS, False)
+    torch.testing.assert_close(rstd.double(), r64, rtol=2e-6, atol=0)
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dt", DTYPES, ids=str)
 def test_constant_and_zero_rows(C, dt):
     x = torch.randn(4, 33, dtype=dt)

@@ -1,12 +1,14 @@
 // LayerNorm / RMSNorm (+ the fused residual add) on CPU: layer_norm_fwd and layer_norm_bwd.
 //
-// Rows are split over threads (at::parallel_for). A row is first brought into a thread-local buffer in
-// the accumulation type A (or read in place when it already is A), so the statistics, which pass over
-// the row several times, read it from L1/L2, and the math is written once, in A, whatever the dtypes
-// of x, residual, weight, dy and dh: only the conversions in and out (vec_io.h) depend on them.
+// Rows are split over threads (at::parallel_for). The pass that reads a row from memory stages it in a
+// thread-local buffer of the accumulation type A (a row already in A is re-read in place instead), so
+// the later passes read it from cache and all the math runs in A whatever the dtypes of x, residual,
+// weight, dy and dh: only the conversions in and out (vec_io.h) depend on them.
 //
-// Forward statistics: the corrected two-pass algorithm (mean m0, then sums of d = h - m0 and d^2:
-// mean = m0 + sum(d)/N, var = sum(d^2)/N - (sum(d)/N)^2), exact for any offset of the row.
+// Forward statistics: sums of d = h - s and d^2 in the pass that reads the row, s the mean of its first
+// 8 (fp64: 4) values; mean = s + sum(d)/N, var = sum(d^2)/N - (sum(d)/N)^2. Where s is far from the
+// mean (the variance would cancel) the row, in cache, is summed again around the mean (corrected
+// two-pass): exact for any offset of the row, two passes over it in the common case.
 // Backward: dweight/dbias as one partial row per row block (block p of P = min(M, threads)), summed in
 // block order: deterministic for a given thread count.
 #include <ATen/Parallel.h>
@@ -25,27 +27,10 @@ constexpr const char* kBwd = "layer_norm_bwd";
 
 // ------------------------------------------------------------------------ row conversions
 template <typename A> using LoadFn = void (*)(const void* src, A* dst, int64_t n);
-template <typename A> using StoreFn = void (*)(A* src, void* dst, int64_t n);
 
 template <typename A, typename T> void load_row(const void* src, A* dst, int64_t n) {
   auto p = static_cast<const T*>(src);
   for_steps<A>(n, [&](int64_t i, int64_t c) { Io<A, T>::load(p + i, c).store(dst + i, c); });
-}
-
-template <typename A, typename T> void add_row(const void* src, A* dst, int64_t n) {
-  auto p = static_cast<const T*>(src);
-  for_steps<A>(n, [&](int64_t i, int64_t c) {
-    (Vectorized<A>::loadu(dst + i, c) + Io<A, T>::load(p + i, c)).store(dst + i, c);
-  });
-}
-
-// Stores the row to dst in T and leaves src holding the stored (rounded) values.
-template <typename A, typename T> void round_row(A* src, void* dst, int64_t n) {
-  auto p = static_cast<T*>(dst);
-  for_steps<A>(n, [&](int64_t i, int64_t c) {
-    Io<A, T>::store(p + i, Vectorized<A>::loadu(src + i, c), c);
-    if constexpr (!std::is_same_v<A, T>) Io<A, T>::load(p + i, c).store(src + i, c);
-  });
 }
 
 template <typename A> LoadFn<A> load_fn(at::ScalarType t) {
@@ -59,46 +44,124 @@ template <typename A> std::vector<A> param_row(const std::optional<at::Tensor>& 
   return out;
 }
 
-// ------------------------------------------------------------------------ forward
-template <typename A> void row_stats(const A* h, int64_t n, bool rms, A eps, A& mean, A& rstd) {
-  using Vec = Vectorized<A>;
-  if (rms) {
-    A ss;
-    blocked_sums<1, A>(n, [&](int64_t i, int64_t c, Vec* acc) {
-      Vec x = Vec::loadu(h + i, c);
-      acc[0] = at::vec::fmadd(x, x, acc[0]);
-    }, &ss);
-    mean = A(0);
-    rstd = A(1) / std::sqrt(ss / A(n) + eps);
-    return;
+// Up to two rows that the next row's first pass will read from memory. The pass that writes a row's
+// output prefetches them, a cache line per 64 bytes, so that they arrive while this row is computed.
+// Only rows of 4 KiB or more: the hardware prefetcher stops at a page's end, so it restarts at every
+// such row (about 15% of the fp32 forward at 1024 columns); shorter rows share pages and stream well
+// without (there the prefetches measured slower).
+struct NextRows {
+  const char* p[2] = {nullptr, nullptr};
+  int64_t esize[2] = {0, 0};
+  template <typename A> void at(int64_t i) const {  // at element i of a step of kLanes<A> elements
+    for (int k = 0; k < 2; ++k) {
+      if (!p[k]) continue;
+      const int64_t off = i * esize[k];
+      if (off % 64 < kLanes<A> * esize[k]) __builtin_prefetch(p[k] + off);
+    }
   }
-  A s;
-  blocked_sums<1, A>(n, [&](int64_t i, int64_t c, Vec* acc) { acc[0] += Vec::loadu(h + i, c); }, &s);
-  const A m0 = s / A(n);
-  const Vec vm0(m0);
-  A r[2];
+};
+
+// ------------------------------------------------------------------------ forward
+// The promoted dtype of x and residual (torch's rule for float types), the dtype of h.
+template <typename X, typename R> using promoted_t = std::conditional_t<
+    std::is_same_v<X, R>, X,
+    std::conditional_t<std::is_same_v<X, double> || std::is_same_v<R, double>, double, float>>;
+
+// One pass over the source row(s): h = x (+ residual, rounded to h's dtype and stored, as eager's
+// x + residual), kept in buf (unless h is x itself, already in A), and the sums of d = h - shift and
+// d^2, shift being the mean of the row's first lanes (0 for RMSNorm). Returns {sum d, sum d^2, shift}.
+template <typename A> using IngestFn = void (*)(const void* x, const void* r, void* h, A* buf, int64_t n,
+                                                bool rms, A* out);
+
+template <typename A, typename X, typename R>
+void ingest(const void* xp, const void* rp, void* hp, A* buf, int64_t n, bool rms, A* out) {
+  using Vec = Vectorized<A>;
+  constexpr bool kRes = !std::is_void_v<R>;
+  using H = std::conditional_t<kRes, promoted_t<X, std::conditional_t<kRes, R, X>>, X>;
+  const X* x = static_cast<const X*>(xp);
+  auto value = [&](int64_t i, int64_t c) {
+    Vec v = Io<A, X>::load(x + i, c);
+    if constexpr (kRes) {
+      H* h = static_cast<H*>(hp);
+      v += Io<A, R>::load(static_cast<const R*>(rp) + i, c);
+      Io<A, H>::store(h + i, v, c);
+      if constexpr (!std::is_same_v<A, H>) v = Io<A, H>::load(h + i, c);
+    }
+    return v;
+  };
+  A shift = A(0);
+  if (!rms) {  // a shift near the mean keeps the one-pass variance from cancelling
+    const int64_t c = std::min(kLanes<A>, n);
+    shift = hsum(value(0, c)) / A(c);
+  }
+  const Vec vs(shift);
   blocked_sums<2, A>(n, [&](int64_t i, int64_t c, Vec* acc) {
-    Vec d = Vec::loadu(h + i, c) - vm0;
+    const Vec v = value(i, c);
+    if (buf) v.store(buf + i, c);
+    Vec d = v - vs;
     if (c < kLanes<A>) d = Vec::set(Vec(A(0)), d, c);
     acc[0] += d;
     acc[1] = at::vec::fmadd(d, d, acc[1]);
-  }, r);
-  const A dm = r[0] / A(n);
-  mean = m0 + dm;
-  const A var = std::max(r[1] / A(n) - dm * dm, A(0));  // NaN stays NaN
-  rstd = A(1) / std::sqrt(var + eps);
+  }, out);
+  out[2] = shift;
+}
+
+template <typename A> IngestFn<A> ingest_fn(at::ScalarType x, std::optional<at::ScalarType> r) {
+  return with_float_type(x, [&](auto xt) -> IngestFn<A> {
+    using X = decltype(xt);
+    if (!r.has_value()) {
+      if constexpr (std::is_same_v<acc_t<X>, A>) return &ingest<A, X, void>;
+      TORCH_CHECK(false, "fusedstab: layer_norm: internal dtype mismatch");
+    }
+    return with_float_type(*r, [&](auto rt) -> IngestFn<A> {
+      using X = std::decay_t<decltype(xt)>;  // not the enclosing alias: g++ 12 resolves that wrongly here
+      using R = std::decay_t<decltype(rt)>;
+      if constexpr (std::is_same_v<acc_t<promoted_t<X, R>>, A>) return &ingest<A, X, R>;
+      TORCH_CHECK(false, "fusedstab: layer_norm: internal dtype mismatch");
+    });
+  });
+}
+
+// mean and rstd from ingest's sums. The one-pass variance loses precision only when the shift is far
+// from the mean (mean(d)^2 > var / 2: rare, the shift being the mean of 8 or 4 of the row's values);
+// then the deviations from the mean are summed again over the row (in cache): corrected two-pass.
+template <typename A> void row_stats(const A* h, int64_t n, bool rms, A eps, const A* sums, A& mean, A& rstd) {
+  using Vec = Vectorized<A>;
+  const A dm = sums[0] / A(n), sq = sums[1] / A(n);
+  if (rms) {
+    mean = A(0);
+    rstd = A(1) / std::sqrt(sq + eps);
+    return;
+  }
+  mean = sums[2] + dm;
+  A var = sq - dm * dm;
+  if (dm * dm > A(0.5) * sq) {
+    const Vec vm(mean);
+    A r[2];
+    blocked_sums<2, A>(n, [&](int64_t i, int64_t c, Vec* acc) {
+      Vec d = Vec::loadu(h + i, c) - vm;
+      if (c < kLanes<A>) d = Vec::set(Vec(A(0)), d, c);
+      acc[0] += d;
+      acc[1] = at::vec::fmadd(d, d, acc[1]);
+    }, r);
+    const A dm2 = r[0] / A(n);
+    mean += dm2;
+    var = r[1] / A(n) - dm2 * dm2;
+  }
+  rstd = A(1) / std::sqrt(std::max(var, A(0)) + eps);  // NaN stays NaN
 }
 
 template <typename A> using NormOutFn = void (*)(const A* h, const A* w, const A* b, A mean, A rstd, void* y,
-                                                 int64_t n);
+                                                 int64_t n, const NextRows& next);
 
 // y = (h - mean) * rstd * w + b, rounded once to Y.
 template <typename A, typename Y> void norm_out(const A* h, const A* w, const A* b, A mean, A rstd, void* out,
-                                                int64_t n) {
+                                                int64_t n, const NextRows& next) {
   using Vec = Vectorized<A>;
   auto y = static_cast<Y*>(out);
   const Vec vm(mean), vr(rstd);
   for_steps<A>(n, [&](int64_t i, int64_t c) {
+    next.at<A>(i);
     Vec v = (Vec::loadu(h + i, c) - vm) * vr;
     Io<A, Y>::store(y + i, at::vec::fmadd(v, Vec::loadu(w + i, c), Vec::loadu(b + i, c)), c);
   });
@@ -120,13 +183,7 @@ void fwd_impl(const at::Tensor& x, const std::optional<at::Tensor>& weight, cons
   const bool has_r = residual.has_value();
   // x is read in place when it is already the normalized row in A.
   const bool direct = !has_r && x.scalar_type() == c10::CppTypeToScalarType<A>::value;
-  const LoadFn<A> load_x = direct ? nullptr : load_fn<A>(x.scalar_type());
-  const LoadFn<A> add_r = has_r ? with_float_type(residual->scalar_type(), [](auto tag) -> LoadFn<A> {
-    return &add_row<A, decltype(tag)>;
-  }) : nullptr;
-  const StoreFn<A> round_h = has_r ? with_float_type(h.scalar_type(), [](auto tag) -> StoreFn<A> {
-    return &round_row<A, decltype(tag)>;
-  }) : nullptr;
+  const IngestFn<A> in = ingest_fn<A>(x.scalar_type(), has_r ? std::optional(residual->scalar_type()) : std::nullopt);
   const NormOutFn<A> out = with_float_type(y.scalar_type(), [](auto tag) -> NormOutFn<A> {
     return &norm_out<A, decltype(tag)>;
   });
@@ -138,28 +195,25 @@ void fwd_impl(const at::Tensor& x, const std::optional<at::Tensor>& weight, cons
   const auto yb = static_cast<char*>(y.data_ptr());
   const int64_t ys = N * y.element_size();
   const auto hb = has_r ? static_cast<char*>(h.data_ptr()) : nullptr;
-  const int64_t hs = N * h.element_size();
+  const int64_t hs = has_r ? N * h.element_size() : 0;
   const A eps_a = static_cast<A>(eps);
 
   at::parallel_for(0, M, std::max<int64_t>(1, 4096 / N), [&](int64_t begin, int64_t end) {
     std::vector<A> buf(direct ? 0 : N);
     for (int64_t r = begin; r < end; ++r) {
-      const A* row;
-      if (direct) {
-        row = reinterpret_cast<const A*>(xb + r * xs);
-      } else {
-        load_x(xb + r * xs, buf.data(), N);
-        if (has_r) {
-          add_r(rb + r * rs, buf.data(), N);
-          round_h(buf.data(), hb + r * hs, N);  // h = x + residual rounded as eager's x + residual
-        }
-        row = buf.data();
-      }
-      A mu, rsd;
-      row_stats<A>(row, N, rms, eps_a, mu, rsd);
+      A sums[3], mu, rsd;
+      in(xb + r * xs, rb ? rb + r * rs : nullptr, hb ? hb + r * hs : nullptr, direct ? nullptr : buf.data(), N,
+         rms, sums);
+      const A* row = direct ? reinterpret_cast<const A*>(xb + r * xs) : buf.data();
+      row_stats<A>(row, N, rms, eps_a, sums, mu, rsd);
       if (mean_p) mean_p[r] = mu;
       rstd_p[r] = rsd;
-      out(row, w.data(), b.data(), mu, rsd, yb + r * ys, N);
+      NextRows ahead;
+      if (r + 1 < end && N * x.element_size() >= 4096) {
+        ahead.p[0] = xb + (r + 1) * xs, ahead.esize[0] = x.element_size();
+        if (rb) ahead.p[1] = rb + (r + 1) * rs, ahead.esize[1] = residual->element_size();
+      }
+      out(row, w.data(), b.data(), mu, rsd, yb + r * ys, N, ahead);
     }
   });
 }
