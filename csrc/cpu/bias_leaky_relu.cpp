@@ -195,6 +195,14 @@ void bias_leaky_relu_fwd(const at::Tensor& x, const std::optional<at::Tensor>& b
 }
 
 // ------------------------------------------------------------------------ backward
+// Backward reads its two streams (dy and the saved y) kPrefetch bytes ahead in software, a cache line
+// per 64 bytes: the hardware prefetcher stops at each 4 KiB page (10-20% of the backward at 1 thread;
+// the forward's single stream measured no better with it).
+constexpr int64_t kPrefetch = 1024;
+template <typename T> inline void prefetch_ahead(const T* p, int64_t i) {
+  if ((i * int64_t(sizeof(T))) % 64 < 8 * int64_t(sizeof(T))) __builtin_prefetch(p + i + kPrefetch / sizeof(T));
+}
+
 struct BwdArgs {
   const void* dy;
   const void* y;         // saved y (slope >= 0), or nullptr
@@ -222,6 +230,8 @@ template <typename D, typename X> void bwd_rows(const BwdArgs& a, int64_t p, int
     X* dx = a.dx ? static_cast<X*>(a.dx) + r * L : nullptr;
     Vec acc(A(0)), tot(A(0));  // row sum: flushed every 64 steps (precision)
     for (int64_t i = 0, step = 0; i < L; i += 8, ++step) {
+      prefetch_ahead(dy, i);
+      if (y) prefetch_ahead(y, i);
       const uint32_t bits = m ? m[i / 8] : 0;
       for (int64_t v = 0; v < NV; ++v) {
         const int64_t o = i + v * K, c = std::min(K, L - o);
