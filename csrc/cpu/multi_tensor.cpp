@@ -160,8 +160,19 @@ void multi_tensor_norm(at::TensorList tensors, double norm_type, at::Tensor& out
 // ------------------------------------------------------------------------ scale
 template <typename T> void scale_chunk(T* x, int64_t n, acc_t<T> coef) {
   using A = acc_t<T>;
+  constexpr int64_t K = kLanes<A>;
   const Vectorized<A> vc(coef);
-  for_steps<A>(n, [&](int64_t i, int64_t c) { Io<A, T>::store(x + i, Io<A, T>::load(x + i, c) * vc, c); });
+  int64_t i = 0;
+  for (; i + 4 * K <= n; i += 4 * K) {  // 4 vectors a step: ~10% over 1 (1 thread, fp32)
+    auto a = Io<A, T>::load(x + i), b = Io<A, T>::load(x + i + K), c = Io<A, T>::load(x + i + 2 * K),
+         d = Io<A, T>::load(x + i + 3 * K);
+    Io<A, T>::store(x + i, a * vc);
+    Io<A, T>::store(x + i + K, b * vc);
+    Io<A, T>::store(x + i + 2 * K, c * vc);
+    Io<A, T>::store(x + i + 3 * K, d * vc);
+  }
+  x += i;
+  for_steps<A>(n - i, [&](int64_t j, int64_t c) { Io<A, T>::store(x + j, Io<A, T>::load(x + j, c) * vc, c); });
 }
 
 // Whether two of the tensors share memory (then chunks must run in list order, one at a time).
