@@ -176,6 +176,16 @@ backend.register("bias_leaky_relu_fwd", "torch", _fwd_torch)
 backend.register("bias_leaky_relu_bwd", "torch", _bwd_torch)
 
 
+# ----------------------------------------------------------------------------- cpu backend (C++)
+# csrc/cpu/bias_leaky_relu.cpp
+def _cpp_ok(*args) -> str | None:
+    return unsupported(args, FLOATS + (torch.uint8,), "the C++ CPU kernels")
+
+
+backend.register("bias_leaky_relu_fwd", "cpu", backend.cpp("bias_leaky_relu_fwd"), _cpp_ok)
+backend.register("bias_leaky_relu_bwd", "cpu", backend.cpp("bias_leaky_relu_bwd"), _cpp_ok)
+
+
 # ----------------------------------------------------------------------------- triton backend
 def _triton_ok(*args) -> str | None:  # and the cuda kernels'
     return unsupported(args, FLOATS + (torch.uint8,), "the triton and cuda kernels")

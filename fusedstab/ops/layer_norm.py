@@ -140,6 +140,16 @@ backend.register("layer_norm_fwd", "torch", _fwd_torch)
 backend.register("layer_norm_bwd", "torch", _bwd_torch)
 
 
+# ----------------------------------------------------------------------------- cpu backend (C++)
+# csrc/cpu/layer_norm.cpp
+def _cpp_ok(*args) -> str | None:
+    return unsupported(args, what="the C++ CPU kernels")
+
+
+backend.register("layer_norm_fwd", "cpu", backend.cpp("layer_norm_fwd"), _cpp_ok)
+backend.register("layer_norm_bwd", "cpu", backend.cpp("layer_norm_bwd"), _cpp_ok)
+
+
 # ----------------------------------------------------------------------------- triton backend
 def _triton_ok(*args) -> str | None:
     return unsupported(args, what="the triton kernels")

@@ -58,3 +58,6 @@ def _linear_triton(outs, x, weight, bias, slope):
 
 backend.register("linear_leaky_relu_fwd", "torch", _linear_torch)
 backend.register("linear_leaky_relu_fwd", "triton", _linear_triton, _matmul_ok)
+# cpu: csrc/cpu/bias_leaky_relu.cpp (the BLAS matmul, then bias, activation and mask in one pass)
+backend.register("linear_leaky_relu_fwd", "cpu", backend.cpp("linear_leaky_relu_fwd"),
+                 lambda x, weight, bias, slope: unsupported((x,), what="the C++ CPU kernels"))

@@ -86,6 +86,9 @@ def _scale_torch(outs, tensors, coef, zero_nonfinite):
 
 backend.register("multi_tensor_norm", "torch", _norm_torch)
 backend.register("multi_tensor_scale_", "torch", _scale_torch)
+# cpu: csrc/cpu/multi_tensor.cpp
+backend.register("multi_tensor_norm", "cpu", backend.cpp("multi_tensor_norm"))
+backend.register("multi_tensor_scale_", "cpu", backend.cpp("multi_tensor_scale_"))
 
 
 # ----------------------------------------------------------------------------- triton backend
