@@ -9,10 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: fp32 for fp32/fp16/bf16, fp64 for fp64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .numerics import acc_dtype
 
 
 # ----------------------------------------------------------------------------- LayerNorm / RMSNorm
@@ -196,14 +193,6 @@ def group_norm_bwd(dy: Tensor, x: Tensor, weight, bias, mean: Tensor, rstd: Tens
     gwg, xhg = gw.reshape(N, G, -1), xhat.reshape(N, G, -1)
     dx = rstd[..., None] * (gwg - gwg.mean(-1, keepdim=True) - xhg * (gwg * xhg).mean(-1, keepdim=True))
     return dx.reshape(N, C, S).to(x.dtype), (dz * xhat).sum((0, 2)), dz.sum((0, 2))
-
-
-def chan_combine(count: Tensor, mean: Tensor, m2: Tensor, dim: int):
-    """(count, mean, M2) of partial sets combined along ``dim`` by Chan et al.'s parallel formula,
-    exact for any offset of the values (sets with count 0 contribute nothing)."""
-    n = count.sum(dim)
-    mu = (count * mean).sum(dim) / n
-    return n, mu, m2.sum(dim) + (count * (mean - mu.unsqueeze(dim)) ** 2).sum(dim)
 
 
 # ----------------------------------------------------------------------------- BatchNorm (+ activation)

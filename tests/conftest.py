@@ -1,18 +1,58 @@
-"""Test set-up: run Triton kernels through the interpreter when there is no GPU.
+"""Test set-up: the Triton interpreter where there is no GPU, and the ``backend`` parameter.
 
-TRITON_INTERPRET must be set before triton is first imported, so this runs before torch.
+TRITON_INTERPRET must be set before triton is first imported; torch does not import triton, so
+asking torch whether there is a GPU comes first.
+
+Every test that takes a ``backend`` (or ``op_backend``) argument and does not parametrize it itself
+runs once per backend of fusedstab's registry that this process has (``fusedstab.available_backends()``),
+so a new backend is tested by every op test without editing them. A case whose backend cannot serve its
+device is skipped with the registry's reason; with FUSEDSTAB_REQUIRE_EXT=1 (CI) a ``cpu`` backend
+that failed to build fails instead of hiding behind skips.
 """
 import os
-import shutil
 
-if not os.environ.get("CUDA_VISIBLE_DEVICES") and shutil.which("nvidia-smi") is None:
+import torch
+
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
+
+from fusedstab import backend as fs_backend  # noqa: E402
+from helpers import test_backends  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+REQUIRE_EXT = os.environ.get("FUSEDSTAB_REQUIRE_EXT") == "1"
+
+
+def _parametrizes_backend(metafunc) -> bool:
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        names = mark.args[0]
+        names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+        if "backend" in names:
+            return True
+    return False
+
+
+def pytest_generate_tests(metafunc):
+    if "backend" in metafunc.fixturenames and not _parametrizes_backend(metafunc):
+        metafunc.parametrize("backend", test_backends(), indirect=True)
+    if "op_backend" in metafunc.fixturenames:
+        metafunc.parametrize("op_backend", test_backends(), indirect=True)
+
+
+@pytest.fixture
+def backend(request):
+    """The backend name (test files that run their body under it define their own ``backend``)."""
+    return request.param
+
+
+@pytest.fixture
+def op_backend(request):
+    """The test body runs under ``fusedstab.use_backend(<each backend>)``."""
+    with fs_backend.use_backend(request.param):
+        yield request.param
 
 
 def pytest_collection_modifyitems(config, items):
@@ -28,10 +68,17 @@ def _seed():
 
 
 @pytest.fixture(autouse=True)
-def _triton_on_cpu_needs_interpreter(request):
-    """The triton backend serves CPU tensors only through the interpreter: on a GPU machine (no
-    TRITON_INTERPRET) tests parametrized with backend="triton" on device "cpu" (the default) are
-    skipped and their cuda twins run."""
+def _backend_serves_device(request):
+    """Skip a case whose backend cannot serve its device here (triton on CPU tensors without the
+    interpreter, cpu on CUDA tensors, ...), with the registry's reason."""
     params = getattr(getattr(request.node, "callspec", None), "params", {})
-    if params.get("backend") == "triton" and params.get("device", "cpu") == "cpu" and not INTERPRET:
-        pytest.skip("triton backend on CPU tensors needs TRITON_INTERPRET=1")
+    name = params.get("backend", params.get("op_backend"))
+    if name is None:
+        return
+    # the case's device parameter, else the module's device (DEV: the GPU where there is one)
+    device = str(params.get("device", getattr(request.module, "DEV", "cpu"))).split(":")[0]
+    why = fs_backend.unavailable(name, device)
+    if why is not None:
+        if name == "cpu" and device == "cpu" and REQUIRE_EXT:
+            pytest.fail(f"FUSEDSTAB_REQUIRE_EXT=1 but the cpu backend is unavailable: {why}")
+        pytest.skip(why)

@@ -216,11 +216,24 @@ def act_grad_bound(activation, slope=0.01) -> float:
 
 
 # ----------------------------------------------------------------------------- 2-process gloo tests
-def gloo_backends() -> list:
-    """The fusedstab backends a CPU worker can run: triton only through the interpreter."""
+def test_backends() -> list[str]:
+    """The backends the op tests run on: FUSEDSTAB_TEST_BACKENDS (comma-separated) if set, else the
+    registry's backends that this process can run and that implement every op (the cpu one too where
+    CI requires it with FUSEDSTAB_REQUIRE_EXT=1). tests/conftest.py parametrizes ``backend`` with them;
+    the 2-process gloo tests hand them to their workers."""
+    import os
+
     from fusedstab import backend
 
-    return ["triton", "torch"] if backend.triton_interpret() else ["torch"]
+    if os.environ.get("FUSEDSTAB_TEST_BACKENDS"):
+        return [b.strip() for b in os.environ["FUSEDSTAB_TEST_BACKENDS"].split(",")]
+    names = backend.available_backends()
+    complete = [b for b in names if all(b in impls for impls in backend._impls.values())]
+    require = os.environ.get("FUSEDSTAB_REQUIRE_EXT") == "1"
+    return [b for b in backend.BACKENDS if b in complete or (b == "cpu" and require)]
+
+
+test_backends.__test__ = False  # a helper, not a test
 
 
 def init_gloo(rank: int, init_file: str, world: int) -> None:
@@ -258,7 +271,7 @@ def run_gloo_workers(worker, tmp, world: int, timeout_s: float) -> dict:
     import torch.multiprocessing as mp
 
     start = time.time()
-    ctx = mp.start_processes(worker, args=(str(tmp / "store"), str(tmp), gloo_backends()), nprocs=world,
+    ctx = mp.start_processes(worker, args=(str(tmp / "store"), str(tmp), test_backends()), nprocs=world,
                              join=False, start_method="spawn")
     try:
         while not ctx.join(timeout=5):

@@ -45,7 +45,6 @@ from fusedstab import reference
 from helpers import (assert_matches, assert_raises_like_torch, assert_same_nonfinite, device_dtypes, graph_recorder,
                      leaf, run)
 
-BACKENDS = ("triton", "torch")
 OPS = torch.ops.fusedstab
 NEG_INF = float("-inf")
 # API tests (custom ops, compile) run where the triton backend runs: CUDA if there is a GPU, else CPU.
@@ -228,7 +227,6 @@ SHAPE_IDS = [s[0] for s in SHAPES]
 FP64_TORCH_ONLY = "fp64 runs on the torch backend; the triton backend's refusal: test_fp64_triton_backend_error"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("sid,qs,ks,vs,kw", SHAPES, ids=SHAPE_IDS)
 @pytest.mark.parametrize("device,dtype", device_dtypes())
 def test_values_and_grads(backend, sid, qs, ks, vs, kw, device, dtype):
@@ -256,7 +254,6 @@ MASKS = [
 MASK_IDS = [m[0] for m in MASKS]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ("bool", "float"))
 @pytest.mark.parametrize("mid,qs,ks,vs,ms,empty,kw", MASKS, ids=MASK_IDS)
 @pytest.mark.parametrize("device,dtype", device_dtypes())
@@ -280,7 +277,6 @@ def test_masks(backend, kind, mid, qs, ks, vs, ms, empty, kw, device, dtype):
             assert torch.all(dm[empty] == 0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("ms", [(6, 9), (2, 1, 1, 9), (2, 2, 6, 9)], ids=["LS", "N11S", "NHLS"])
 @pytest.mark.parametrize("device,dtype", device_dtypes((torch.float16,), (torch.float16, torch.bfloat16)))
 def test_fp32_mask_with_low_precision_query(backend, ms, device, dtype):
@@ -291,7 +287,6 @@ def test_fp32_mask_with_low_precision_query(backend, ms, device, dtype):
     assert dm.dtype == torch.float32
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("which", ("q", "k", "v", "mask"))
 def test_requires_grad_subsets(backend, which):
     """Only one of q, k, v, mask requires grad: that one gets torch's gradient, the others none."""
@@ -309,7 +304,6 @@ def test_requires_grad_subsets(backend, which):
             torch.testing.assert_close(g, e)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("causal", (False, True))
 @pytest.mark.parametrize("device,dtype", device_dtypes((torch.float32, torch.float16),
                                                        (torch.float32, torch.bfloat16)))
@@ -324,7 +318,6 @@ def test_noncontiguous_inputs(backend, causal, device, dtype):
         assert g.stride() == t.stride(), (g.stride(), t.stride())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_sliced_head_dim_and_mask_view(backend):
     """A head-dim slice of a wider tensor, every other query of a longer one, and a mask that is a
     non-contiguous view."""
@@ -335,7 +328,6 @@ def test_sliced_head_dim_and_mask_view(backend):
     compare(backend, q, k, v, m, tag="slices")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ("none", "float"))
 def test_expanded_upstream_gradient(backend, kind):
     """o.sum().backward(): the upstream gradient is an expanded scalar (all strides 0)."""
@@ -351,7 +343,6 @@ def test_expanded_upstream_gradient(backend, kind):
             assert torch.equal(t.grad, g)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", ["L0", "S0", "N0", "S0-mask"])
 def test_empty(backend, shape):
     """No queries, no keys, no batch: torch's shapes; with no keys every row is fully masked, so the
@@ -380,7 +371,6 @@ NONFINITE = [("query-nan", "q", (0, 0, 1, 2), float("nan")), ("key-nan", "k", (0
              ("mask-plus-inf", "m", (2, 3), float("inf"))]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", NONFINITE, ids=[c[0] for c in NONFINITE])
 def test_nan_inf_propagate_like_torch(backend, case):
     """A NaN or an infinity in q, k, v or an additive mask: torch's NaN/Inf pattern in the output and
@@ -398,7 +388,6 @@ def test_nan_inf_propagate_like_torch(backend, case):
         assert_same_nonfinite(g, e, f"[{backend}] {case[0]} {name}", atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_backward_deterministic(backend):
     """Two runs give bitwise identical outputs and gradients (GQA: no atomics)."""
     q, k, v = qkv((1, 4, 20, 16), (1, 2, 23, 16), (1, 2, 23, 8))
@@ -481,7 +470,6 @@ def dropout_run(backend, q, k, v, m, p, seed, dy=None, **kw):
     return o, grads, keep, dy, va
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", ["plain", "causal-gqa", "float-mask", "bool-mask-5d", "noncontig"])
 @pytest.mark.parametrize("device,dtype", device_dtypes((torch.float32,), (torch.float32,)))
 def test_dropout_values_and_grads(backend, case, device, dtype):
@@ -520,7 +508,6 @@ def test_dropout_values_and_grads(backend, case, device, dtype):
         assert_matches(g, t, e, f"{tag} {name}", scale=s)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_keep_statistics(backend):
     """q = 0: every probability is 1/S, and with v = the identity o_ij = keep_ij / (S (1 - p)). The
     kept fraction is 1 - p (within 5 standard deviations), o only takes the values 0 and 1/(S(1-p)),
@@ -545,7 +532,6 @@ def test_dropout_keep_statistics(backend):
         assert torch.unique(patterns, dim=0).shape[0] == patterns.shape[0], "repeated keep patterns"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_reproducible_under_manual_seed(backend):
     """Same torch.manual_seed: bitwise the same output and gradients; another seed, or the next call
     without reseeding (the generator advanced), another mask."""
@@ -566,7 +552,6 @@ def test_dropout_reproducible_under_manual_seed(backend):
     assert not torch.equal(first, second)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_zero_draws_nothing(backend):
     """dropout_p = 0 is exactly the call without dropout and leaves torch's generator alone (as torch)."""
     q, k, v = qkv((1, 2, 5, 8), (1, 2, 6, 8), (1, 2, 6, 8))
@@ -580,7 +565,6 @@ def test_dropout_zero_draws_nothing(backend):
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("causal", (False, True))
 def test_dropout_p_one(backend, causal):
     """dropout_p = 1: nothing kept, output 0 and every gradient 0 (as torch)."""
@@ -639,7 +623,6 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
 def test_bad_input_raises_like_torch(case, backend):
     _, call = case
@@ -673,7 +656,6 @@ HEAD_BROADCAST = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", HEAD_BROADCAST, ids=[c[0] for c in HEAD_BROADCAST])
 def test_head_broadcasting_torch_accepts(backend, case):
     """Head-dim combinations that torch accepts: the same output shape and values as torch (fp32)."""
@@ -770,14 +752,6 @@ def test_gradcheck_dropout_fixed_seed():
 
 
 # ============================================================================= custom ops
-@pytest.fixture(params=BACKENDS)
-def op_backend(request):
-    if request.param == "triton" and not _triton_ok_on_dev():
-        pytest.skip("the triton backend needs a GPU or TRITON_INTERPRET=1")
-    with fusedstab.use_backend(request.param):
-        yield request.param
-
-
 # (id, B, Hq, Hkv, L, S, E, Ev, mask kind, causal, dropout_p, layout, dtype, mask dtype)
 _f32, _f16, _f64 = torch.float32, torch.float16, torch.float64
 OP_CASES = [
@@ -1113,7 +1087,6 @@ def test_mha_need_weights_is_torch(average, cid, kw):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_mha_dropout_train_vs_eval(backend):
     """Train mode with dropout: q, k projections zero (every probability 1/S), v and the output projection
     the identity, value rows one-hot: out[n, i, j] = keep_nij / (S (1 - p)). The kept fraction is

@@ -168,6 +168,10 @@ def test_backend_error_is_a_runtime_error():
     assert issubclass(fusedstab.BackendError, RuntimeError)
 
 
+def _serves(name: str, op: str) -> bool:
+    return name in fusedstab.available_backends() and name in B._impls[op]
+
+
 def _calls():
     x = torch.randn(4, 6)
     r = torch.randn(4, 6)
@@ -184,7 +188,7 @@ def _calls():
 @pytest.mark.parametrize("name", ["cuda", "cpu"])
 @pytest.mark.parametrize("call", list(_calls()))
 def test_explicit_backend_that_cannot_serve_raises(name, call):
-    if name == "cpu" and "cpu" in fusedstab.available_backends():
+    if name == "cpu" and _serves("cpu", "layer_norm_fwd"):
         pytest.skip("the C++ CPU extension is installed and serves CPU tensors")
     with fusedstab.use_backend(name):
         with pytest.raises(fusedstab.BackendError, match=f"'{name}'.*layer_norm_fwd"):
@@ -259,7 +263,7 @@ def test_automatic_on_cpu_gives_the_reference_answer(served):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         got = _ln_fwd_bwd(x)
-    auto = "cpu" if "cpu" in fusedstab.available_backends() else "torch"
+    auto = "cpu" if _serves("cpu", "layer_norm_fwd") else "torch"
     assert served == [("layer_norm_fwd", auto), ("layer_norm_bwd", auto)]
     want = _ln_fwd_bwd(x, fn=TF.layer_norm)
     for a, e in zip(got, want):
@@ -273,21 +277,27 @@ def test_automatic_on_cpu_gives_the_reference_answer(served):
 @pytest.fixture
 def fake_op(monkeypatch):
     installed = {"torch": True, "triton": True, "cuda": False, "cpu": True}
-    monkeypatch.setattr(B, "_installed", lambda name: installed.get(name, False))
+
+    def unavailable(name, device_type):
+        if device_type not in B.TABLE[name].device_types:
+            return f"the {name} backend does not serve {device_type} tensors"
+        return None if installed.get(name) else "not installed"
+
+    monkeypatch.setattr(B, "unavailable", unavailable)
     monkeypatch.setattr(B, "_warned", set())
     refuse: dict[str, str] = {}
     impls = {}
     for name in ("cpu", "torch", "triton"):
-        impls[name] = ((lambda *a, _n=name: _n), (lambda *a, _n=name: refuse.get(_n)))
+        impls[name] = ((lambda outs, *a, _n=name: _n), (lambda *a, _n=name: refuse.get(_n)))
     monkeypatch.setitem(B._impls, "fake_op", impls)
     return installed, refuse
 
 
 def test_dispatch_auto_prefers_first_available(fake_op):
     installed, refuse = fake_op
-    assert B.dispatch("fake_op", "cpu", 1) == "cpu"
+    assert B.dispatch("fake_op", "cpu", (), 1) == "cpu"
     installed["cpu"] = False
-    assert B.dispatch("fake_op", "cpu", 1) == "torch"
+    assert B.dispatch("fake_op", "cpu", (), 1) == "torch"
 
 
 def test_dispatch_auto_falls_back_when_refused(fake_op):
@@ -295,18 +305,18 @@ def test_dispatch_auto_falls_back_when_refused(fake_op):
     refuse["cpu"] = "dtype not supported"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # CPU fallback is silent
-        assert B.dispatch("fake_op", "cpu", 1) == "torch"
+        assert B.dispatch("fake_op", "cpu", (), 1) == "torch"
 
 
 def test_dispatch_auto_on_cuda_falls_back_from_triton_with_one_warning(fake_op):
     installed, refuse = fake_op
-    assert B.dispatch("fake_op", "cuda", 1) == "triton"
+    assert B.dispatch("fake_op", "cuda", (), 1) == "triton"
     refuse["triton"] = "dtype not supported"
     with pytest.warns(UserWarning, match="fake_op falls back from triton: dtype not supported"):
-        assert B.dispatch("fake_op", "cuda", 1) == "torch"
+        assert B.dispatch("fake_op", "cuda", (), 1) == "torch"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once only
-        assert B.dispatch("fake_op", "cuda", 1) == "torch"
+        assert B.dispatch("fake_op", "cuda", (), 1) == "torch"
 
 
 def test_dispatch_explicit_never_falls_back(fake_op):
@@ -314,17 +324,44 @@ def test_dispatch_explicit_never_falls_back(fake_op):
     refuse["cpu"] = "dtype not supported"
     with fusedstab.use_backend("cpu"):
         with pytest.raises(fusedstab.BackendError, match="'cpu'.*fake_op.*dtype not supported"):
-            B.dispatch("fake_op", "cpu", 1)
+            B.dispatch("fake_op", "cpu", (), 1)
     with fusedstab.use_backend("cuda"):
         with pytest.raises(fusedstab.BackendError, match="'cuda'.*fake_op"):
-            B.dispatch("fake_op", "cpu", 1)
+            B.dispatch("fake_op", "cpu", (), 1)
 
 
 def test_dispatch_nothing_can_serve(fake_op):
     installed, refuse = fake_op
     refuse.update(cpu="no", torch="no")
     with pytest.raises(fusedstab.BackendError, match="no fusedstab backend"):
-        B.dispatch("fake_op", "cpu", 1)
+        B.dispatch("fake_op", "cpu", (), 1)
+
+
+def test_dispatch_passes_the_outputs_first(monkeypatch):
+    """Implementations are out-variants: impl(outs, *args) gets the public op's outputs first."""
+    seen = []
+    monkeypatch.setitem(B._impls, "fake_op", {"torch": (lambda outs, *a: seen.append((outs, a)), lambda *a: None)})
+    with fusedstab.use_backend("torch"):
+        B.dispatch("fake_op", "cpu", ("y", "mean"), 1, 2)
+    assert seen == [(("y", "mean"), (1, 2))]
+
+
+def test_table_lists_each_backend_once_with_its_devices():
+    assert B.BACKENDS == tuple(B.TABLE) == ("triton", "cuda", "cpu", "torch")
+    assert B.TABLE["cuda"].device_types == ("cuda",) and B.TABLE["cpu"].device_types == ("cpu",)
+    assert set(B.TABLE["torch"].device_types) >= {"cpu", "cuda"}
+    assert B.unavailable("cpu", "cuda") == "the cpu backend does not serve cuda tensors"
+    assert B.unavailable("torch", "cpu") is None
+    for device_type, prefs in B.AUTO.items():
+        assert prefs[-1] == "torch" and all(device_type in B.TABLE[p].device_types for p in prefs)
+
+
+def test_triton_on_cpu_without_interpreter_names_the_switch(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "TRITON_INTERPRET=1" in B.unavailable("triton", "cpu")
+    with fusedstab.use_backend("triton"):
+        with pytest.raises(fusedstab.BackendError, match="TRITON_INTERPRET=1"):
+            F.layer_norm(torch.randn(2, 3), (3,))
 
 
 def test_register_unknown_backend_raises():

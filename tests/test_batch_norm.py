@@ -27,14 +27,12 @@ import torch.nn.functional as F
 
 import fusedstab
 import fusedstab.nn as fnn
-from fusedstab import backend as fs_backend
 from fusedstab import functional as FS
 from fusedstab import reference
 
 from helpers import (DEVICES, TIGHT, act_fn, act_grad_bound, assert_matches, assert_raises_like_torch,
                      assert_same_nonfinite, device_dtypes, graph_recorder, keeps_layout, leaf, run, same_layout)
 
-BACKENDS = ("triton", "torch")
 OPS = torch.ops.fusedstab
 EPS = 1e-5
 # API tests (custom ops, compile) run where the triton backend runs: CUDA if there is a GPU, else CPU.
@@ -50,10 +48,6 @@ MODES = ("train", "eval")
 def _interp(backend, device="cpu") -> bool:
     """The triton backend on CPU tensors: the Triton interpreter, slow (trimmed parametrizations)."""
     return backend == "triton" and device == "cpu"
-
-
-def _triton_ok_on_dev() -> bool:
-    return DEV == "cuda" or fs_backend.triton_interpret()
 
 
 def _clone(t):
@@ -221,7 +215,6 @@ INTERP_SHAPES = {
 }
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("sid,shape", SHAPES + EVAL_ONLY, ids=[s[0] for s in SHAPES + EVAL_ONLY])
 @pytest.mark.parametrize("device,dtype", device_dtypes())
@@ -236,7 +229,6 @@ def test_values_and_grads(backend, mode, sid, shape, device, dtype):
     compare(backend, x, w, b, rm, rv, mode == "train", tag=sid)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("sid,shape", [s for s in SHAPES if s[0] in ("NC", "1d-prime", "5x7-C5", "3d")],
                          ids=["NC", "1d-prime", "5x7-C5", "3d"])
 def test_training_without_running_stats(backend, sid, shape):
@@ -248,7 +240,6 @@ def test_training_without_running_stats(backend, sid, shape):
     compare(backend, x, w, b, None, None, True, activation="silu", tag=sid)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("act,slope", ACTS, ids=ACT_IDS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("device,dtype", device_dtypes())
@@ -264,7 +255,6 @@ def test_activations(backend, act, slope, mode, device, dtype):
     assert got.is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("act,slope", [("relu", 0.01), ("leaky_relu", -0.1), ("silu", 0.01)],
                          ids=["relu", "leaky-0.1", "silu"])
 @pytest.mark.parametrize("sid,shape", [s for s in SHAPES if s[0] in ("NC-37rows", "C1-1d", "3d")],
@@ -277,7 +267,6 @@ def test_activation_shapes(backend, act, slope, sid, shape):
     compare(backend, x, w, b, rm, rv, True, 0.1, act, slope, tag=sid)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("act", ("relu", "silu"))
 def test_negative_slope_ignored_unless_leaky(backend, act):
     x, w, b, rm, rv = make((2, 6, 3, 4), "cpu", torch.float32)
@@ -287,7 +276,6 @@ def test_negative_slope_ignored_unless_leaky(backend, act):
     assert torch.equal(a, c)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("eps", (1e-3, 0.5))
 @pytest.mark.parametrize("mode", MODES)
 def test_eps(backend, eps, mode):
@@ -303,7 +291,6 @@ def test_eps(backend, eps, mode):
                               rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_eval_eps_zero(backend):
     """eps = 0 is refused in training only (as torch): eval with eps = 0 normalizes by the running
     variance alone."""
@@ -314,7 +301,6 @@ def test_eval_eps_zero(backend):
 AFFINE = [(True, True), (True, False), (False, True), (False, False)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("affine", AFFINE, ids=["affine", "weight_only", "bias_only", "no_affine"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("device,dtype", device_dtypes((torch.float32, torch.float16),
@@ -331,7 +317,6 @@ def test_weight_bias_none(backend, affine, mode, device, dtype):
     assert (dw is None) == (w is None) and (db is None) == (b is None)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("which", ("x", "weight", "bias"))
 def test_requires_grad_subsets(backend, which):
     """Only one input requires grad: its gradient is right, the others get none."""
@@ -343,7 +328,6 @@ def test_requires_grad_subsets(backend, which):
     assert [g is not None for g in gs] == list(flags)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_no_grad(backend):
     """Inference: no graph, the same values, the same running statistics."""
     x, w, b, rm, rv = make((3, 6, 4, 3), "cpu", torch.float32)
@@ -367,7 +351,6 @@ MIXED = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("act,slope", [(None, 0.01), ("silu", 0.01)], ids=["none", "silu"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("device,xdt,wdt", MIXED)
@@ -383,7 +366,6 @@ def test_mixed_dtype(backend, act, slope, mode, device, xdt, wdt):
         assert rm2.dtype == wdt and rv2.dtype == wdt
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_mixed_dtype_only_some_fp32(backend):
     """fp16 input with fp32 running statistics and no weight/bias, and with an fp32 weight only."""
     x, w, _, rm, rv = make((3, 6, 4, 3), "cpu", torch.float16, wdtype=torch.float32)
@@ -392,7 +374,6 @@ def test_mixed_dtype_only_some_fp32(backend):
 
 
 # ----------------------------------------------------------------------------- running statistics
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("momentum", (0.1, 0.0, 1.0, 0.5))
 def test_functional_momentum_several_steps(backend, momentum):
     """running = (1 - momentum) * running + momentum * batch statistic (unbiased variance), over
@@ -490,7 +471,6 @@ def _check_buffers(fs, t, t64, tag):
             assert_stats_match(bf, bt, be, f"{tag} {n}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("momentum", (0.1, 0.0, 1.0, None), ids=str)
 def test_module_running_stats_momentum(backend, momentum):
     """BatchNorm2d over three training steps on batches of different statistics, then eval:
@@ -536,7 +516,6 @@ def test_module_running_stats_momentum(backend, momentum):
     assert fs.num_batches_tracked.item() == 3
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_module_train_eval_switching(backend):
     """train step, eval, train step, eval (forward and backward each, the eval backward through the
     running statistics): everything equal to torch's module followed by the activation."""
@@ -550,7 +529,6 @@ def test_module_train_eval_switching(backend):
     assert fs.num_batches_tracked.item() == 2
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name,shape", [("BatchNorm1d", (4, 5)), ("BatchNorm1d", (3, 5, 4)),
                                         ("BatchNorm2d", (2, 5, 3, 4)), ("BatchNorm3d", (2, 5, 2, 3, 2))],
                          ids=["1d-NC", "1d-NCL", "2d", "3d"])
@@ -569,7 +547,6 @@ def test_module_track_running_stats_false(backend, name, shape):
     torch.testing.assert_close(y_eval, y_train, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", MODES)
 def test_module_affine_false(backend, mode):
     fs, t, t64 = _module_pair("BatchNorm3d", 3, affine=False, act="relu")
@@ -580,7 +557,6 @@ def test_module_affine_false(backend, mode):
     _module_step(fs, t, t64, x, dy, backend, f"[{backend}] affine=False {mode}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name,shape,act,slope,fmt",
                          [("BatchNorm1d", (6, 5), None, 0.01, None),
                           ("BatchNorm1d", (3, 5, 7), "leaky_relu", 0.2, None),
@@ -634,7 +610,6 @@ LAYOUTS = ["contiguous", "channels_last", "channels_last_3d", "channels_last_1x1
            "NC_column_slice", "expanded_batch"]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", LAYOUTS)
 @pytest.mark.parametrize("device,dtype", device_dtypes((torch.float32,), (torch.float32, torch.bfloat16)))
 def test_memory_formats(backend, kind, device, dtype):
@@ -657,7 +632,6 @@ def test_memory_formats(backend, kind, device, dtype):
         assert got.is_contiguous()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ("channels_last", "channels_last_3d", "nchw_crop"))
 def test_memory_formats_eval(backend, kind):
     x = _layout(kind, "cpu", torch.float32)
@@ -667,7 +641,6 @@ def test_memory_formats_eval(backend, kind):
         assert keeps_layout(got) and same_layout(got, x)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("x_fmt,dy_fmt", [("contiguous", "channels_last"), ("channels_last", "contiguous"),
                                           ("channels_last", "strided")])
 def test_upstream_gradient_layout_differs(backend, x_fmt, dy_fmt):
@@ -683,7 +656,6 @@ def test_upstream_gradient_layout_differs(backend, x_fmt, dy_fmt):
     compare(backend, x, w, b, rm, rv, True, 0.1, "silu", dy=dy, tag=f"x {x_fmt}, dy {dy_fmt}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("fmt", ("contiguous", "channels_last"))
 @pytest.mark.parametrize("mode", MODES)
 def test_expanded_upstream_gradient(backend, fmt, mode):
@@ -702,7 +674,6 @@ def test_expanded_upstream_gradient(backend, fmt, mode):
         assert torch.equal(t.grad, g)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ("every_other", "expanded"))
 def test_strided_params_and_running_stats(backend, kind):
     """Weight, bias and running statistics that are non-contiguous views (torch accepts any strides;
@@ -729,7 +700,6 @@ def test_strided_params_and_running_stats(backend, kind):
 
 
 # ----------------------------------------------------------------------------- special inputs
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("fmt", ("contiguous", "channels_last"))
 def test_large_offset_keeps_precision(backend, fmt):
     """fp32 input of mean 1e4 and std 1: the batch variance keeps fp32 precision (Welford / Chan
@@ -776,7 +746,6 @@ def _zero_preact_input(training, fmt):
     return x, w, b, rm, rv
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("act,slope", ACTS[1:], ids=ACT_IDS[1:])
 @pytest.mark.parametrize("mode", MODES)
 def test_activation_at_exact_zero(backend, act, slope, mode):
@@ -816,7 +785,6 @@ NONFINITE_CASES = [(a, s, "contiguous") for a, s in ACTS if s != 0.01 or a != "l
     ("relu", 0.01, "channels_last"), ("silu", 0.01, "channels_last")]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("act,slope,fmt", NONFINITE_CASES, ids=lambda v: str(v))
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("device", DEVICES)
@@ -858,7 +826,6 @@ def test_nan_inf_propagate_like_torch(backend, act, slope, fmt, mode, device):
 EMPTY = [(0, 6, 3, 4), (0, 6), (0, 4, 5), (2, 6, 0), (2, 6, 0, 4), (0, 3, 2, 2, 2)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("act,slope", [(None, 0.01), ("silu", 0.01)], ids=["none", "silu"])
 @pytest.mark.parametrize("shape", EMPTY, ids=["N0-2d", "N0-NC", "N0-1d", "L0", "H0", "N0-3d"])
 @pytest.mark.parametrize("mode", MODES)
@@ -886,7 +853,6 @@ def test_empty(backend, act, slope, shape, mode, device):
     assert torch.equal(rf[0], rm) and torch.equal(rf[1], rv), "an empty batch changed the running statistics"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_module_empty_batch(backend):
     """The module on an empty batch in training: running statistics unchanged, num_batches_tracked
     counts the step (as torch's module)."""
@@ -964,7 +930,6 @@ GRADCHECK = [("train-none", (3, 4, 2, 2), None, True, None, 0.01, (True, True)),
 TORCH_BACKEND_ONLY_ON_CPU = ("train-none", "train-1d-silu-plain")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gid,shape,mf,training,act,slope,affine", GRADCHECK, ids=[g[0] for g in GRADCHECK])
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradcheck(backend, gid, shape, mf, training, act, slope, affine, device):
@@ -988,7 +953,6 @@ def test_gradcheck(backend, gid, shape, mf, training, act, slope, affine, device
         assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_full(backend):
     """The full (not fast-mode) Jacobian on one tiny case, training without running statistics."""
     if _interp(backend):
@@ -1001,14 +965,6 @@ def test_gradcheck_full(backend):
 
 
 # ============================================================================= custom ops
-@pytest.fixture(params=BACKENDS)
-def op_backend(request):
-    if request.param == "triton" and not _triton_ok_on_dev():
-        pytest.skip("the triton backend needs a GPU or TRITON_INTERPRET=1")
-    with fusedstab.use_backend(request.param):
-        yield request.param
-
-
 def _op_x(kind):
     """3-D (N, C, S) views of the kinds the functional hands the ops."""
     if kind == "nchw":
@@ -1385,7 +1341,6 @@ def test_module_factory_kwargs(device, dtype, name):
             assert (y.device.type, y.shape, y.dtype) == ("meta", x.shape, dtype)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_module_fp16_parameters(backend):
     """A module built with dtype=float16 (parameters and running statistics in fp16) on fp16 input."""
     fs, t, t64 = _module_pair("BatchNorm1d", 5, act="silu")
@@ -1462,6 +1417,19 @@ def test_bad_input_messages(case, match):
     call = dict(BAD)[case]
     with pytest.raises(Exception, match=match):
         call(FS.batch_norm)
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("stats", [True, False])
+@pytest.mark.parametrize("shape", [(0,), (0, 3), (2, 3, 0)], ids=str)
+def test_empty_input_gives_an_empty_result_as_torch(shape, training, stats):
+    """F.batch_norm takes empty inputs, a 1-D (0,) one (no channels) included, with or without
+    running statistics even in eval."""
+    C = shape[1] if len(shape) > 1 else 0
+    rm, rv = (torch.zeros(C), torch.ones(C)) if stats else (None, None)
+    want = F.batch_norm(torch.randn(shape), rm, rv, training=training)
+    got = FS.batch_norm(torch.randn(shape), rm, rv, training=training)
+    assert got.shape == want.shape == shape and got.dtype == want.dtype
 
 
 @pytest.mark.parametrize("act", ("gelu", "ReLU", "none_", "tanh", ""))

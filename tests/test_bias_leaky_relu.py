@@ -27,7 +27,6 @@ from fusedstab import reference
 from helpers import (DEVICES, assert_matches, assert_raises_like_torch, assert_same_nonfinite, device_dtypes,
                      graph_recorder, keeps_layout, leaf, leaky_relu_factor, run, same_layout)
 
-BACKENDS = ("triton", "torch")
 # 0.0 is ReLU, 1.0 the identity, 1.5 > 1, -0.3 negative: backward from the packed sign mask.
 SLOPES = (0.01, 0.2, 0.0, 1.0, 1.5, -0.3)
 OPS = torch.ops.fusedstab
@@ -110,7 +109,6 @@ def make(shape, device, dtype, dim=-1, bias_dtype=None, memory_format=None):
 ROW_LENGTHS = (1, 3, 7, 13, 33, 1000)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("slope", (0.01, -0.3))
 @pytest.mark.parametrize("n", ROW_LENGTHS)
 @pytest.mark.parametrize("device,dtype", device_dtypes())
@@ -120,7 +118,6 @@ def test_row_lengths(backend, slope, n, device, dtype):
     compare(backend, x, b, slope, -1, tag="rows")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("slope", SLOPES)
 @pytest.mark.parametrize("device,dtype", device_dtypes())
 def test_slopes(backend, slope, device, dtype):
@@ -133,7 +130,6 @@ def test_slopes(backend, slope, device, dtype):
 NCHW = [(2, 5, 3, 4), (2, 3, 1, 1), (1, 1, 4, 6), (3, 4, 5, 2), (2, 3, 40, 50)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("slope", (0.2, -0.3))
 @pytest.mark.parametrize("fmt", ("contiguous", "channels_last"))
 @pytest.mark.parametrize("shape", NCHW, ids=["x".join(map(str, s)) for s in NCHW])
@@ -157,7 +153,6 @@ DIM_CASES = [((2, 5, 7), 1), ((2, 5, 7), -2), ((4, 6), 0), ((4, 6), -2), ((3, 2,
              ((1, 1, 1), 1), ((3, 1), 1)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("slope", (0.01, -0.3))
 @pytest.mark.parametrize("shape,dim", DIM_CASES, ids=[f"{'x'.join(map(str, s))}-dim{d}" for s, d in DIM_CASES])
 def test_dims(backend, slope, shape, dim):
@@ -194,7 +189,6 @@ STRIDE_KINDS = ["transposed", "transposed_dim0", "row_slice", "every_other", "ex
                 "expanded_channels", "nchw_slice", "channels_last_slice", "permuted_3d"]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("slope", (0.01, -0.3))
 @pytest.mark.parametrize("kind", STRIDE_KINDS)
 @pytest.mark.parametrize("device", DEVICES)
@@ -210,7 +204,6 @@ def test_strided_inputs(backend, slope, kind, device):
     compare(backend, x, b, slope, dim, dy=dy, tag=f"{kind} strided bias/dy")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("slope", (0.01, -0.3))
 @pytest.mark.parametrize("device", DEVICES)
 def test_expanded_upstream_gradient(backend, slope, device):
@@ -224,7 +217,6 @@ def test_expanded_upstream_gradient(backend, slope, device):
     assert torch.equal(xl.grad, grads[0]) and torch.equal(bl.grad, grads[1])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("slope", (0.01, -0.3))
 @pytest.mark.parametrize("shape,dim", [((5, 13), -1), ((2, 3, 4, 5), 1)], ids=["rows", "nchw"])
 @pytest.mark.parametrize("device,dtype", device_dtypes())
@@ -248,7 +240,6 @@ MIXED = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("slope", (0.01, -0.3))
 @pytest.mark.parametrize("device,xdt,bdt", MIXED)
 def test_mixed_dtypes(backend, slope, device, xdt, bdt):
@@ -260,7 +251,6 @@ def test_mixed_dtypes(backend, slope, device, xdt, bdt):
     compare(backend, x, b, slope, 1, tag="mixed NCHW channels_last")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("slope", (0.01, -0.3))
 @pytest.mark.parametrize("which", ("x_only", "bias_only"))
 @pytest.mark.parametrize("device,dtype", device_dtypes((torch.float32, torch.float16),
@@ -274,7 +264,6 @@ def test_requires_grad_subsets(backend, slope, which, device, dtype):
         assert (dx is None) == (which == "bias_only") and (db is None) == (which == "x_only")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("slope", (0.01, -0.3))
 @pytest.mark.parametrize("device", DEVICES)
 def test_no_grad_at_all(backend, slope, device):
@@ -291,7 +280,6 @@ def test_no_grad_at_all(backend, slope, device):
 
 
 # ----------------------------------------------------------------------------- z == 0, NaN/Inf
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("slope", SLOPES)
 @pytest.mark.parametrize("device,dtype", device_dtypes())
 def test_zero_preactivation_gradient(backend, slope, device, dtype):
@@ -336,7 +324,6 @@ def _nonfinite(shape, device, dim):
     return x, b
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("slope", SLOPES)
 @pytest.mark.parametrize("shape,dim", [((5, 13), -1), ((2, 3, 4, 5), 1)], ids=["rows", "nchw"])
 @pytest.mark.parametrize("device", DEVICES)
@@ -358,7 +345,6 @@ EMPTY = [((0, 7), -1), ((3, 0), -1), ((2, 0, 5), -1), ((0, 3, 4, 5), 1), ((2, 3,
          ((0, 3), 0)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("slope", (0.01, -0.3))
 @pytest.mark.parametrize("shape,dim", EMPTY, ids=[f"{'x'.join(map(str, s))}-dim{d}" for s, d in EMPTY])
 @pytest.mark.parametrize("device", DEVICES)
@@ -414,7 +400,6 @@ def test_reference_matches_torch():
                                    rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_autograd_function_apply(backend):
     """fusedstab.autograd.BiasLeakyReLUFunction.apply(x, bias, slope, dim) is what functional calls."""
     from fusedstab.autograd import BiasLeakyReLUFunction
@@ -428,7 +413,6 @@ def test_autograd_function_apply(backend):
 
 
 # ============================================================================= what is saved
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("slope", SLOPES)
 @pytest.mark.parametrize("shape,dim", [((6, 13), -1), ((2, 3, 4, 5), 1)], ids=["rows", "nchw"])
 def test_saves_output_or_bit_mask(backend, slope, shape, dim):
@@ -462,7 +446,6 @@ def test_saves_output_or_bit_mask(backend, slope, shape, dim):
         assert masks[0].numel() == R * math.ceil(L / 8)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("slope", (0.01, 0.0, 1.5))
 def test_inplace_change_of_saved_output_is_caught(backend, slope):
     """The output saved for backward must not be silently read after an in-place change: either
@@ -523,14 +506,6 @@ def _fwd_case(case):
 def _bwd_args(dy2, saved, slope, per_row, C, x_dtype, bias, need_dx=True):
     """fusedstab::bias_leaky_relu_bwd(dy, saved, slope, per_row, C, dx_dtype, need_dx, need_dbias)."""
     return (dy2, saved, slope, per_row, C, x_dtype, need_dx, bias is not None)
-
-
-@pytest.fixture(params=BACKENDS)
-def op_backend(request):
-    if request.param == "triton" and not _triton_ok_on_dev():
-        pytest.skip("the triton backend needs a GPU or TRITON_INTERPRET=1")
-    with fusedstab.use_backend(request.param):
-        yield request.param
 
 
 @pytest.mark.parametrize("slope", (0.01, -0.3))
@@ -601,7 +576,6 @@ def test_op_outputs(case, slope, op_backend):
 GRADCHECK = [((4, 5), -1), ((2, 3, 2, 2), 1), ((3, 4), 0), ((2, 3, 5), 1), ((7,), 0)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("slope", (0.01, -0.3, 1.5))
 @pytest.mark.parametrize("shape,dim", GRADCHECK, ids=[f"{'x'.join(map(str, s))}-dim{d}" for s, d in GRADCHECK])
 @pytest.mark.parametrize("device", DEVICES)
@@ -622,7 +596,6 @@ def test_gradcheck(backend, slope, shape, dim, device):
                                         (x.detach().requires_grad_(),), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("slope", (0.2, -0.3))
 def test_gradgradcheck_or_clear_error(backend, slope):
     """Double backward: either right (gradgradcheck) or a clear error, never silently wrong."""
@@ -748,7 +721,6 @@ def test_module_factory_kwargs(device, dtype):
         assert (m.bias == 0).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("slope,dim,shape", [(0.01, -1, (3, 7, 8)), (-0.3, 1, (2, 8, 3, 3)), (0.0, 0, (8, 5))])
 def test_module_forward_backward_vs_eager(backend, slope, dim, shape):
     m = fnn.BiasLeakyReLU(8, negative_slope=slope, dim=dim)

@@ -33,7 +33,6 @@ from fusedstab import utils as FU
 from helpers import LOWP_FLOOR, LOWP_RATIO, TIGHT, check_like_eager, max_err
 
 INF = float("inf")
-BACKENDS = ("triton", "torch")
 # Norm types: float and int forms, torch's string 'inf', and p beyond the usual (negative, non-dyadic).
 NORM_TYPES = [2.0, 2, 1.0, 1, INF, "inf", -INF, 0.0, 0, 0.5, 3.0, 3, 1.7, -1.0]
 CORE_NORMS = [2.0, 1.0, INF, -INF, 0.0, 0.5, 3.0]
@@ -61,13 +60,9 @@ DEVICE_DTYPES = [pytest.param("cpu", CPU_DTYPES, id="cpu"),
                  pytest.param("cuda", GPU_DTYPES, id="cuda", marks=pytest.mark.gpu)]
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture
 def backend(request):
-    """Runs the test body under ``fusedstab.use_backend``; triton with CPU tensors needs the
-    interpreter (on a GPU machine without TRITON_INTERPRET the cpu/triton cases are skipped)."""
-    params = getattr(getattr(request.node, "callspec", None), "params", {})
-    if request.param == "triton" and params.get("device", "cpu") == "cpu" and not fs_backend.triton_interpret():
-        pytest.skip("triton backend on CPU tensors needs TRITON_INTERPRET=1")
+    """Runs the test body under ``fusedstab.use_backend`` (parametrized by tests/conftest.py)."""
     with fusedstab.use_backend(request.param):
         yield request.param
 

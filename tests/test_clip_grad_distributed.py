@@ -22,7 +22,7 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
-from helpers import gloo_backends, init_gloo, rank_result, recorder, run_gloo_workers  # noqa: E402
+from helpers import init_gloo, rank_result, recorder, run_gloo_workers  # noqa: E402
 
 WORLD = 2
 INF = float("inf")
@@ -189,11 +189,8 @@ def _check_total(total, total_t, total64, what):
     torch.testing.assert_close(total.double(), total64, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: {m}")
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("norm_type", NORMS, ids=str)
 def test_sharded_global_norm(results, backend, norm_type):
-    if backend not in gloo_backends():
-        pytest.skip("triton backend on CPU tensors needs TRITON_INTERPRET=1")
     total_t, total64, _, _ = _truth(norm_type)
     r0, r1 = (rank_result(results, r, (backend, "norm", norm_type)) for r in range(WORLD))
     for r, out in enumerate((r0, r1)):
@@ -208,11 +205,8 @@ def test_sharded_global_norm(results, backend, norm_type):
                                    msg=lambda m: f"rank {r} per-tensor norms: {m}")
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("norm_type", NORMS, ids=str)
 def test_sharded_clip(results, backend, norm_type):
-    if backend not in gloo_backends():
-        pytest.skip("triton backend on CPU tensors needs TRITON_INTERPRET=1")
     total_t, total64, clipped_t, clipped64 = _truth(norm_type)
     outs = [rank_result(results, r, (backend, "clip", norm_type)) for r in range(WORLD)]
     for r, out in enumerate(outs):
@@ -224,10 +218,7 @@ def test_sharded_clip(results, backend, norm_type):
         torch.testing.assert_close(got, t, **_tol(t.dtype), msg=lambda m: f"grad[{i}] vs torch: {m}")
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_sharded_nan_on_one_rank(results, backend):
-    if backend not in gloo_backends():
-        pytest.skip("triton backend on CPU tensors needs TRITON_INTERPRET=1")
     for r in range(WORLD):
         out = rank_result(results, r, (backend, "nan"))
         assert out["raised"] is not None and "non-finite" in out["raised"], \
@@ -237,11 +228,8 @@ def test_sharded_nan_on_one_rank(results, backend):
             assert torch.equal(g, torch.zeros_like(g)), f"rank {r} grad[{i}] not zeroed by nonfinite='skip'"
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("norm_type", [2.0, INF, 1.0], ids=str)
 def test_dtensor_shard0(results, backend, norm_type):
-    if backend not in gloo_backends():
-        pytest.skip("triton backend on CPU tensors needs TRITON_INTERPRET=1")
     if "dtensor_unavailable" in results[0]:
         pytest.skip(f"DTensor on a CPU gloo mesh does not work here: {results[0]['dtensor_unavailable']}")
     total_t, total64, clipped_t, clipped64 = _truth(norm_type)
@@ -254,12 +242,9 @@ def test_dtensor_shard0(results, backend, norm_type):
         torch.testing.assert_close(got.double(), t64, **_tol(t.dtype), msg=lambda m: f"grad[{i}]: {m}")
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_dtensor_replicated_is_right_or_refused(results, backend):
     """Replicated DTensor grads (no shards): the plain norm, or a clear NotImplementedError, never a
     norm counted once per rank."""
-    if backend not in gloo_backends():
-        pytest.skip("triton backend on CPU tensors needs TRITON_INTERPRET=1")
     if "dtensor_unavailable" in results[0]:
         pytest.skip(f"DTensor on a CPU gloo mesh does not work here: {results[0]['dtensor_unavailable']}")
     for r in range(WORLD):

@@ -23,14 +23,12 @@ import torch.nn.functional as F
 
 import fusedstab
 import fusedstab.nn as fnn
-from fusedstab import backend as fs_backend
 from fusedstab import functional as FS
 from fusedstab import reference
 
 from helpers import (DEVICES, act_fn, act_grad_bound, assert_matches, assert_raises_like_torch, assert_same_nonfinite,
                      device_dtypes, graph_recorder, keeps_layout, leaf, run, same_layout)
 
-BACKENDS = ("triton", "torch")
 OPS = torch.ops.fusedstab
 EPS = 1e-5
 # API tests (custom ops, compile) run where the triton backend runs: CUDA if there is a GPU, else CPU.
@@ -40,10 +38,6 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 ACTS = [(None, 0.01), ("relu", 0.01), ("leaky_relu", 0.01), ("leaky_relu", 0.2), ("leaky_relu", -0.1),
         ("silu", 0.01)]
 ACT_IDS = ["none", "relu", "leaky0.01", "leaky0.2", "leaky-0.1", "silu"]
-
-
-def _triton_ok_on_dev() -> bool:
-    return DEV == "cuda" or fs_backend.triton_interpret()
 
 
 # ----------------------------------------------------------------------------- calling the ops
@@ -186,7 +180,6 @@ SHAPES = [
 FP64_INTERPRETER_SKIP = ("batch1-2d", "1x1", "G1", "5x7-C6-G3", "C1")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("sid,shape,G", SHAPES, ids=[s[0] for s in SHAPES])
 @pytest.mark.parametrize("device,dtype", device_dtypes())
 def test_values_and_grads(backend, sid, shape, G, device, dtype):
@@ -196,7 +189,6 @@ def test_values_and_grads(backend, sid, shape, G, device, dtype):
     compare(backend, x, G, w, b, tag=sid)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("act,slope", ACTS, ids=ACT_IDS)
 @pytest.mark.parametrize("device,dtype", device_dtypes())
 def test_activations(backend, act, slope, device, dtype):
@@ -208,7 +200,6 @@ def test_activations(backend, act, slope, device, dtype):
     assert got.is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("sid,shape,G", [s for s in SHAPES if s[0] in ("NC", "C1", "3d", "NC-1ch-per-group")],
                          ids=["NC", "NC-1ch-per-group", "C1", "3d"])
 def test_activation_shapes(backend, sid, shape, G):
@@ -218,7 +209,6 @@ def test_activation_shapes(backend, sid, shape, G):
     compare(backend, x, G, w, b, act, slope, tag=sid)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("act", ("relu", "silu"))
 def test_negative_slope_ignored_unless_leaky(backend, act):
     x, w, b = make((2, 6, 3, 4), 3, "cpu", torch.float32)
@@ -228,7 +218,6 @@ def test_negative_slope_ignored_unless_leaky(backend, act):
     assert torch.equal(a, c)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("eps", (1e-3, 0.5))
 def test_eps(backend, eps):
     """A non-default eps (small inputs, so that eps matters) is used as torch uses it."""
@@ -243,7 +232,6 @@ def test_eps(backend, eps):
 AFFINE = [(True, True), (True, False), (False, True), (False, False)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("affine", AFFINE, ids=["affine", "weight_only", "bias_only", "no_affine"])
 @pytest.mark.parametrize("device,dtype", device_dtypes((torch.float32, torch.float16),
                                                        (torch.float32, torch.bfloat16)))
@@ -255,7 +243,6 @@ def test_weight_bias_none(backend, affine, device, dtype):
     assert (dw is None) == (w is None) and (db is None) == (b is None)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("which", ("x", "weight", "bias"))
 def test_requires_grad_subsets(backend, which):
     """Only one input requires grad: its gradient is right, the others get none."""
@@ -265,7 +252,6 @@ def test_requires_grad_subsets(backend, which):
     assert [g is not None for g in gs] == list(flags)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_no_grad(backend):
     """Inference: no graph, the same values."""
     x, w, b = make((2, 6, 4, 3), 3, "cpu", torch.float32)
@@ -286,7 +272,6 @@ MIXED = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("act,slope", [(None, 0.01), ("silu", 0.01)], ids=["none", "silu"])
 @pytest.mark.parametrize("device,xdt,wdt", MIXED)
 def test_mixed_dtype(backend, act, slope, device, xdt, wdt):
@@ -345,7 +330,6 @@ LAYOUTS = ["contiguous", "channels_last", "channels_last_3d", "nchw_crop", "chan
            "every_other_L", "batch_slice", "permuted_dense", "transposed_NC", "expanded_batch"]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", LAYOUTS)
 @pytest.mark.parametrize("device,dtype", device_dtypes((torch.float32,), (torch.float32, torch.bfloat16)))
 def test_memory_formats(backend, kind, device, dtype):
@@ -367,7 +351,6 @@ def test_memory_formats(backend, kind, device, dtype):
         assert got.is_contiguous()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("x_fmt,dy_fmt", [("contiguous", "channels_last"), ("channels_last", "contiguous"),
                                           ("channels_last", "strided")])
 def test_upstream_gradient_layout_differs(backend, x_fmt, dy_fmt):
@@ -381,7 +364,6 @@ def test_upstream_gradient_layout_differs(backend, x_fmt, dy_fmt):
     compare(backend, x, 3, w, b, "silu", dy=dy, tag=f"x {x_fmt}, dy {dy_fmt}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("fmt", ("contiguous", "channels_last"))
 def test_expanded_upstream_gradient(backend, fmt):
     """y.sum().backward(): the upstream gradient is an expanded scalar (all strides 0)."""
@@ -396,7 +378,6 @@ def test_expanded_upstream_gradient(backend, fmt):
         assert torch.equal(t.grad, g)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ("every_other", "expanded"))
 def test_strided_weight_and_bias(backend, kind):
     """Weight and bias that are non-contiguous views (torch accepts any strides)."""
@@ -420,7 +401,6 @@ def _constant_groups(dtype, device):
     return x.to(dtype), consts
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("act,slope", [(None, 0.01), ("silu", 0.01)], ids=["none", "silu"])
 @pytest.mark.parametrize("device,dtype", device_dtypes((torch.float32, torch.float16),
                                                        (torch.float32, torch.float16, torch.bfloat16)))
@@ -446,7 +426,6 @@ def test_constant_groups(backend, act, slope, device, dtype):
         assert mean[n, g].item() == pytest.approx(float(torch.tensor(c).to(dtype)), rel=1e-5, abs=1e-30)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("act,slope", [(None, 0.01), ("silu", 0.01)], ids=["none", "silu"])
 @pytest.mark.parametrize("shape,G", [((3, 2), 2), ((4, 3), 1), ((2, 1, 1, 1), 1)], ids=["NC-G=C", "NC-C3G1", "1x1x1x1"])
 def test_single_element_groups(backend, act, slope, shape, G):
@@ -472,7 +451,6 @@ NONFINITE_CASES = [(a, s, "contiguous") for a, s in ACTS if s != 0.01 or a != "l
     ("relu", 0.01, "channels_last"), ("silu", 0.01, "channels_last")]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("act,slope,fmt", NONFINITE_CASES, ids=lambda v: str(v))
 @pytest.mark.parametrize("device", DEVICES)
 def test_nan_inf_propagate_like_torch(backend, act, slope, fmt, device):
@@ -498,7 +476,6 @@ def test_nan_inf_propagate_like_torch(backend, act, slope, fmt, device):
 EMPTY = [((0, 6, 3, 4), 3), ((0, 6), 2), ((2, 6, 0, 4), 3), ((0, 4, 5), 4), ((2, 0, 3), 1)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("act,slope", [(None, 0.01), ("silu", 0.01)], ids=["none", "silu"])
 @pytest.mark.parametrize("shape,G", EMPTY, ids=["N0-2d", "N0-NC", "HW0", "N0-1d", "C0"])
 @pytest.mark.parametrize("device", DEVICES)
@@ -519,7 +496,6 @@ def test_empty(backend, act, slope, shape, G, device):
         torch.testing.assert_close(g, e, rtol=0, atol=0, msg=lambda s: f"{name}: {s}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("where", ("first", "middle", "last"))
 @pytest.mark.parametrize("fmt", ("contiguous", "channels_last"))
 def test_group_with_an_outlier(backend, where, fmt):
@@ -537,7 +513,6 @@ def test_group_with_an_outlier(backend, where, fmt):
     compare(backend, x, 2, w, b, tag=f"outlier {where} {fmt}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("fmt", ("contiguous", "channels_last"))
 def test_large_offset_keeps_precision(backend, fmt):
     """fp32 groups of mean 1e4 and std 1: the variance (rstd) keeps fp32 precision. An fp32 mean near
@@ -578,7 +553,6 @@ def test_reference_matches_torch_float64(act, slope):
     assert reference.group_norm(x, 3).dtype == torch.float64
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_autograd_function_apply(backend):
     """GroupNormFunction.apply(input, num_groups, weight, bias, eps, activation, negative_slope), with
     the activation as a string ("none" for none): what the functional computes."""
@@ -608,7 +582,6 @@ GRADCHECK = [("2d-none", (2, 6, 2, 3), 3, None, None, 0.01, (True, True)),
 TORCH_BACKEND_ONLY_ON_CPU = ("2d-none", "cl-none-plain", "1d-1ch-group-leaky0.2")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gid,shape,G,mf,act,slope,affine", GRADCHECK, ids=[g[0] for g in GRADCHECK])
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradcheck(backend, gid, shape, G, mf, act, slope, affine, device):
@@ -627,7 +600,6 @@ def test_gradcheck(backend, gid, shape, G, mf, act, slope, affine, device):
         assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_full(backend):
     """The full (not fast-mode) Jacobian on one tiny case."""
     x, w, b = make((1, 4, 2), 2, "cpu", torch.float64)
@@ -637,7 +609,6 @@ def test_gradcheck_full(backend):
                                         eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_gradgradcheck_or_clear_error(backend):
     """Double backward: either right or a clear error, never silently wrong."""
     x, w, b = make((1, 2, 3), 1, "cpu", torch.float64)
@@ -653,14 +624,6 @@ def test_gradgradcheck_or_clear_error(backend):
 
 
 # ============================================================================= custom ops
-@pytest.fixture(params=BACKENDS)
-def op_backend(request):
-    if request.param == "triton" and not _triton_ok_on_dev():
-        pytest.skip("the triton backend needs a GPU or TRITON_INTERPRET=1")
-    with fusedstab.use_backend(request.param):
-        yield request.param
-
-
 def _op_x(kind):
     """3-D (N, C, S) views of the kinds the functional hands the op."""
     if kind == "contiguous":
@@ -909,7 +872,6 @@ def test_module_load_state_dict_both_ways(args, kwargs, act):
     torch.testing.assert_close(act_fn(t2(x), act, 0.01), fs2(x))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("act,slope,fmt", [(None, 0.01, "contiguous"), ("leaky_relu", 0.2, "contiguous"),
                                            ("silu", 0.01, "channels_last")], ids=["none", "leaky", "silu-cl"])
 def test_module_forward_backward_vs_torch(backend, act, slope, fmt):

@@ -26,7 +26,6 @@ from fusedstab.kernels import layer_norm as K
 
 from helpers import DEVICES, assert_matches, assert_same_nonfinite, device_dtypes, leaf
 
-BACKENDS = ("triton", "torch")
 OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
 LN_EPS = 1e-5
 
@@ -195,7 +194,6 @@ def test_shapes_reach_every_kernel_path():
     assert any(n > K.LONG_BLOCK and n % K.LONG_BLOCK for n in ns if n > K.MAX_FUSED_BWD)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("lead,n", SHAPES, ids=[f"N{n}" for _, n in SHAPES])
 @pytest.mark.parametrize("device,dtype", device_dtypes())
@@ -208,7 +206,6 @@ def test_values_and_grads(backend, op, lead, n, device, dtype):
 AFFINE = [(True, False), (False, True), (False, False)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("affine", AFFINE, ids=["weight_only", "bias_only", "no_affine"])
 @pytest.mark.parametrize("lead,n", [((5, 17), 7), ((3,), 1023), ((3,), 20000), ((2,), 70001)],
@@ -219,7 +216,6 @@ def test_affine_off(backend, op, affine, lead, n):
     check_op(op, backend, lead, (n,), torch.float32, "cpu", affine=affine)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("lead,ns", [((2, 4), (3, 5)), ((3,), (2, 3, 7)), ((), (4, 33)), ((2, 1, 3), (6,))],
                          ids=["2x4-3x5", "3-2x3x7", "none-4x33", "2x1x3-6"])
@@ -228,7 +224,6 @@ def test_multi_dim_shapes(backend, op, lead, ns, device, dtype):
     check_op(op, backend, lead, ns, dtype, device)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("n", [31, 4097, 20000])
 @pytest.mark.parametrize("device,dtype", [pytest.param("cpu", torch.float16, id="cpu-fp16"),
@@ -242,7 +237,6 @@ def test_fp32_weight_low_precision_input(backend, op, n, device, dtype):
     check_op(op, backend, (3,), (n,), dtype, device, wdtype=torch.float32)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", ["add_layer_norm", "add_rms_norm"])
 @pytest.mark.parametrize("n", [31, 20000])
 @pytest.mark.parametrize("device,dtype", [pytest.param("cpu", torch.float16, id="cpu-fp16"),
@@ -271,7 +265,6 @@ def test_reference_matches_torch_float64():
 GRADCHECK_CASES = [((4,), (5,)), ((2, 3), (2, 3)), ((3,), (1,))]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("lead,ns", GRADCHECK_CASES, ids=["4-5", "2x3-2x3", "3-1"])
 @pytest.mark.parametrize("affine", [(True, True), (False, False)], ids=["affine", "plain"])
@@ -347,7 +340,6 @@ def _strided_x(kind, m, n, device, dtype):
 STRIDE_KINDS = ["transposed", "row_stride", "every_other", "expanded_rows", "permuted_3d"]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("kind", STRIDE_KINDS)
 @pytest.mark.parametrize("n", [33, 20000])
@@ -377,7 +369,6 @@ def _strided_param(kind, ns, device, shift=0.0, mult=1.0):
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("kind,ns", [("every_other", (33,)), ("expanded", (33,)), ("transposed", (3, 11)),
                                      ("every_other", (20000,))], ids=["every_other", "expanded",
@@ -396,7 +387,6 @@ def test_strided_weight_and_bias(backend, op, kind, ns, device):
     compare(op, backend, (x, r, w, b), douts, ns, f"{op}[{backend}] {kind} weight/bias")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("n", [7, 20000])
 @pytest.mark.parametrize("device", DEVICES)
@@ -422,7 +412,6 @@ def test_expanded_upstream_gradient(backend, op, n, device):
 
 
 # ----------------------------------------------------------------------------- special rows
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("n", [1, 7, 20000, 70001])
 @pytest.mark.parametrize("device,dtype", device_dtypes((torch.float32, torch.float16),
@@ -455,7 +444,6 @@ def _nonfinite_rows(n, device):
     return x
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("n", [1, 7, 20000, 70001])
 @pytest.mark.parametrize("device", DEVICES)
@@ -481,7 +469,6 @@ def test_nan_inf_propagate_like_torch(backend, op, n, device):
             assert_same_nonfinite(g, e, f"{op}[{backend}] {name}", atol=1e-5 * (sc or 1.0))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("shape,ns", [((0, 7), (7,)), ((2, 0, 5), (5,)), ((0, 20000), (20000,)),
                                       ((0, 3, 5), (3, 5)), ((3, 0), (0,))],
@@ -507,7 +494,6 @@ def test_empty(backend, op, shape, ns, device):
             torch.testing.assert_close(g, e, rtol=0, atol=0, msg=lambda s: f"{name}: {s}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("n", [1, 31, 4097, 20000])
 @pytest.mark.parametrize("device,dtype", device_dtypes((torch.float32, torch.float16),
@@ -542,7 +528,6 @@ def test_backward_deterministic(backend, op, m, n, device):
             assert torch.equal(a, c), f"{name} differs between two identical backward runs"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n", [16, 20000])
 @pytest.mark.parametrize("device,dtype", device_dtypes((torch.float32, torch.float16, torch.float64),
                                                        (torch.float32, torch.float16, torch.bfloat16)))

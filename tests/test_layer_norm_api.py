@@ -23,18 +23,12 @@ from helpers import assert_raises_like_torch, graph_recorder
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 OPS = torch.ops.fusedstab
-BACKENDS = ("torch", "triton")
 
 
-def _skip_unservable(name: str) -> None:
-    if name == "triton" and DEV == "cpu" and not INTERPRET:
-        pytest.skip("the triton backend needs a GPU or TRITON_INTERPRET=1")
-
-
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture
 def backend(request):
-    """Run the test body with fusedstab backend ``request.param`` explicitly chosen."""
-    _skip_unservable(request.param)
+    """Run the test body with fusedstab backend ``request.param`` explicitly chosen (parametrized by
+    tests/conftest.py)."""
     with fusedstab.use_backend(request.param):
         yield request.param
 

@@ -27,7 +27,6 @@ from fusedstab import reference
 from helpers import (DEVICES, LOWP_FLOOR, LOWP_RATIO, assert_matches, assert_raises_like_torch,
                      assert_same_nonfinite, device_dtypes, leaf, leaky_relu_factor, max_err, run)
 
-BACKENDS = ("triton", "torch")
 SLOPES = (0.01, 0.2, 0.0, 1.0, 1.5, -0.3)
 OPS = torch.ops.fusedstab
 SIGN_TOL = 1e-4
@@ -118,7 +117,6 @@ SHAPES = [((7,), 5), ((1, 1), 1), ((3, 17), 33), ((17, 33), 3), ((33, 65), 17), 
           ((130, 130), 65), ((2, 3, 17), 33), ((2, 1, 5, 1), 3), ((5, 1), 7)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("xshape,N", SHAPES, ids=[f"{'x'.join(map(str, s))}-N{n}" for s, n in SHAPES])
 @pytest.mark.parametrize("device,dtype", device_dtypes())
 def test_shapes(backend, xshape, N, device, dtype):
@@ -128,7 +126,6 @@ def test_shapes(backend, xshape, N, device, dtype):
     compare(backend, *make(xshape, N, device, dtype), slope, tag="shapes")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("slope", SLOPES)
 @pytest.mark.parametrize("device,dtype", device_dtypes())
 def test_slopes(backend, slope, device, dtype):
@@ -137,7 +134,6 @@ def test_slopes(backend, slope, device, dtype):
     compare(backend, *make((2, 19, 37), 45, device, dtype), slope, tag="slopes")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("slope", (0.01, -0.3))
 @pytest.mark.parametrize("xshape,N", [((5, 17), 33), ((9,), 4), ((2, 3, 1), 7)], ids=["2d", "1d", "3d-K1"])
 @pytest.mark.parametrize("device,dtype", device_dtypes((torch.float32, torch.float16),
@@ -147,7 +143,6 @@ def test_bias_none(backend, slope, xshape, N, device, dtype):
     assert db is None
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("slope", (0.01, -0.3))
 @pytest.mark.parametrize("which", ("x", "weight", "bias", "x+bias", "weight+bias"))
 @pytest.mark.parametrize("device,dtype", device_dtypes((torch.float32, torch.float16),
@@ -187,7 +182,6 @@ STRIDE_KINDS = ["x_transposed", "x_row_slice", "x_every_other_col", "x_expanded"
                 "w_transposed", "w_slice_and_strided_bias"]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("slope", (0.01, -0.3))
 @pytest.mark.parametrize("kind", STRIDE_KINDS)
 @pytest.mark.parametrize("device", DEVICES)
@@ -199,7 +193,6 @@ def test_strided_inputs(backend, slope, kind, device):
     compare(backend, x, w, b, slope, dy=dy, tag=kind)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("slope", (0.01, -0.3))
 @pytest.mark.parametrize("device", DEVICES)
 def test_expanded_upstream_gradient(backend, slope, device):
@@ -215,7 +208,6 @@ def test_expanded_upstream_gradient(backend, slope, device):
 
 
 # ----------------------------------------------------------------------------- z == 0, NaN/Inf
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("slope", SLOPES)
 @pytest.mark.parametrize("device,dtype", device_dtypes())
 def test_zero_preactivation_gradient(backend, slope, device, dtype):
@@ -239,7 +231,6 @@ def test_zero_preactivation_gradient(backend, slope, device, dtype):
         assert torch.equal(got[[0, 4, 7]], torch.zeros(3, N, device=device, dtype=dtype))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("slope", SLOPES)
 @pytest.mark.parametrize("device", DEVICES)
 def test_nan_inf_propagate_like_torch(backend, slope, device):
@@ -267,7 +258,6 @@ def test_nan_inf_propagate_like_torch(backend, slope, device):
 EMPTY = [((0, 5), 4), ((2, 0, 5), 4), ((3, 0), 4), ((3, 5), 0), ((0,), 3), ((0, 0), 0)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("slope", (0.01, -0.3))
 @pytest.mark.parametrize("xshape,N", EMPTY, ids=[f"{'x'.join(map(str, s))}-N{n}" for s, n in EMPTY])
 @pytest.mark.parametrize("device", DEVICES)
@@ -295,7 +285,6 @@ def _lowp_rule(got, truth, eager, what, scale=1.0):
     assert err <= bound, f"{what}: max error {err:.3e} > {LOWP_RATIO}x torch's {err_t:.3e} + floor"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device,dtype", [
     pytest.param("cpu", torch.float16, id="cpu-fp16"),
     pytest.param("cpu", torch.bfloat16, id="cpu-bf16"),
@@ -348,7 +337,6 @@ def test_fp32_tf32_only_when_allowed():
 GRADCHECK = [((3, 4), 5, True), ((4,), 3, True), ((2, 3, 4), 2, False), ((3, 1), 2, True)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("slope", (0.01, -0.3, 1.5))
 @pytest.mark.parametrize("xshape,N,has_b", GRADCHECK,
                          ids=[f"{'x'.join(map(str, s))}-N{n}-{'b' if hb else 'nob'}" for s, n, hb in GRADCHECK])
@@ -367,14 +355,6 @@ def test_gradcheck(backend, slope, xshape, N, has_b, device):
 
 
 # ============================================================================= custom op
-@pytest.fixture(params=BACKENDS)
-def op_backend(request):
-    if request.param == "triton" and not (DEV == "cuda" or fs_backend.triton_interpret()):
-        pytest.skip("the triton backend needs a GPU or TRITON_INTERPRET=1")
-    with fusedstab.use_backend(request.param):
-        yield request.param
-
-
 # (id, M, K, N, dtype, has bias, x layout)
 OP_CASES = [
     ("basic", 5, 7, 3, torch.float32, True, "contiguous"),
@@ -555,7 +535,6 @@ def test_module_factory_kwargs(device, dtype):
         assert p.dtype == dtype and p.device.type == device
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bias", (True, False))
 @pytest.mark.parametrize("slope", (0.01, -0.3))
 def test_module_state_dict_interchange_with_linear(backend, bias, slope):
@@ -653,7 +632,6 @@ def test_reference_matches_torch():
                                    rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_autograd_function_apply(backend):
     from fusedstab.autograd import LinearLeakyReLUFunction
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import fusedstab
 import fusedstab.nn as fnn
 
-from helpers import (act_fn, assert_matches, gloo_backends, init_gloo, leaf, rank_result, recorder,
+from helpers import (act_fn, assert_matches, init_gloo, leaf, rank_result, recorder,
                      run_gloo_workers)
 
 dist = pytest.importorskip("torch.distributed")
@@ -165,11 +165,6 @@ def results(tmp_path_factory):
     return run_gloo_workers(_worker, tmp_path_factory.mktemp("sync_bn"), WORLD, TIMEOUT_S)
 
 
-def _need(backend):
-    if backend not in gloo_backends():
-        pytest.skip("triton backend on CPU tensors needs TRITON_INTERPRET=1")
-
-
 # ----------------------------------------------------------------------------- the truth
 class _WithAct(torch.nn.Module):
     def __init__(self, m, act, slope):
@@ -238,12 +233,10 @@ def _case(cid):
 
 
 # ----------------------------------------------------------------------------- the tests
-@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("cid", CASE_IDS)
 def test_output_and_dinput_are_the_global_batchs(results, backend, cid):
     """Per rank and step: output and dinput equal one BatchNorm's over the concatenated batch,
     sliced back to the rank (and keep the input's memory format)."""
-    _need(backend)
     case = _case(cid)
     sl = _slices(case[2])
     truth = _truth(case)
@@ -258,12 +251,10 @@ def test_output_and_dinput_are_the_global_batchs(results, backend, cid):
                 assert got["y_channels_last"], f"{tag}: the output is not channels_last"
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("cid", CASE_IDS)
 def test_dweight_dbias_are_local(results, backend, cid):
     """dweight / dbias: the rank's own contribution (zero on a rank with no samples); the two ranks'
     sum is the single-process gradient."""
-    _need(backend)
     case = _case(cid)
     truth = _truth(case)
     outs = [rank_result(results, r, (backend, "train", cid)) for r in range(WORLD)]
@@ -278,13 +269,11 @@ def test_dweight_dbias_are_local(results, backend, cid):
                 assert (got["dweight"] == 0).all() and (got["dbias"] == 0).all()
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("cid", CASE_IDS)
 def test_running_stats_equal_on_ranks_and_single_process(results, backend, cid):
     """After every step: running_mean / running_var / num_batches_tracked the same on both ranks
     (bitwise) and equal to the single-process BatchNorm's (momentum=None: the cumulative average);
     then eval uses them: each rank's eval output is the single-process one, sliced."""
-    _need(backend)
     case = _case(cid)
     sl = _slices(case[2])
     truth = _truth(case)
@@ -304,11 +293,9 @@ def test_running_stats_equal_on_ranks_and_single_process(results, backend, cid):
         assert_matches(outs[r]["eval"], ev["truth"][sl[r]], ev["eager"][sl[r]], f"[{backend}] {cid} rank {r} eval")
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_eval_does_not_sync(results, backend):
     """track_running_stats=False in eval: batch statistics, but of the rank's own batch (no sync;
     as torch.nn.SyncBatchNorm)."""
-    _need(backend)
     case = CASES[0]
     x, _ = global_batch(case, 0)
     for r, sl in enumerate(_slices(case[2])):
@@ -321,12 +308,10 @@ def test_eval_does_not_sync(results, backend):
         assert not torch.allclose(got, glob, atol=1e-3), "eval used the group's statistics"
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_convert_sync_batchnorm_model(results, backend):
     """A conv model with torch's and fusedstab's BatchNorm2d (silu), converted: both become
     fusedstab SyncBatchNorm; the output, dinput and running statistics are the single-process model's
     over the concatenated batch."""
-    _need(backend)
     x, dy = model_batch()
     ref = _model(torch.nn.BatchNorm2d(4), torch.nn.BatchNorm2d(4))
     ref64 = copy.deepcopy(ref).double()
@@ -341,7 +326,7 @@ def test_convert_sync_batchnorm_model(results, backend):
     (ye, dxe, be), (yt, dxt, bt) = outs
     for r in range(WORLD):
         got = rank_result(results, r, (backend, "converted"))
-        assert got["types"] == ["fusedstab.nn.normalization.SyncBatchNorm"] * 2, got["types"]
+        assert got["types"] == ["fusedstab.nn.batch_norm.SyncBatchNorm"] * 2, got["types"]
         assert_matches(got["y"], yt[sl[r]], ye[sl[r]], f"[{backend}] rank {r} model y")
         assert_matches(got["dx"], dxt[sl[r]], dxe[sl[r]], f"[{backend}] rank {r} model dx")
         for n, v in got["buffers"].items():
@@ -392,11 +377,9 @@ def test_module_repr_state_dict_both_ways(kwargs):
         assert torch.equal(t2.state_dict()[k], v), k
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_without_distributed_behaves_as_batch_norm(backend, training):
     """No process group initialized: SyncBatchNorm is a BatchNorm (training and eval, CPU tensors)."""
-    _need(backend)
     assert not (dist.is_available() and dist.is_initialized())
     C = 4
     fs = fnn.SyncBatchNorm(C, activation="silu")

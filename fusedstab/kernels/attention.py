@@ -564,14 +564,15 @@ def _split(dtype: torch.dtype, precise: bool) -> bool:
 
 
 def attention_fwd(q, k, v, mask=None, *, causal=False, scale, dropout_p=0.0, seed=0, offset=0,
-                  allow_tf32=False, precise=False):
+                  allow_tf32=False, precise=False, out=None):
     """o (B, Hq, L, Ev) in q's dtype (laid out like q's (B, Hq, L) dims) and lse (B, Hq, L):
     natural-log logsumexp of the scaled, masked scores, fp32 (fp64 for fp64 input), -inf (with o = 0)
-    on fully masked rows. See the module header for masks, causality, dropout and ``precise``."""
+    on fully masked rows. See the module header for masks, causality, dropout and ``precise``.
+    ``out``: (o, lse) to write into (o with any strides, lse contiguous)."""
     B, Hq, Hkv, L, S, E, Ev, mask, mask_kind = _check(q, k, v, mask, dropout_p)
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    o = _like_layout(q, (B, Hq, L, Ev), q.dtype)
-    lse = torch.empty((B, Hq, L), dtype=acc_dtype, device=q.device)
+    o, lse = out if out is not None else (_like_layout(q, (B, Hq, L, Ev), q.dtype),
+                                          torch.empty((B, Hq, L), dtype=acc_dtype, device=q.device))
     if B * Hq * L == 0:
         return o, lse
     if S == 0:  # no keys: every row fully masked
@@ -589,12 +590,13 @@ def attention_fwd(q, k, v, mask=None, *, causal=False, scale, dropout_p=0.0, see
 
 
 def attention_bwd(do, q, k, v, o, lse, mask=None, *, causal=False, scale, dropout_p=0.0, seed=0, offset=0,
-                  mask_needs_grad=False, allow_tf32=False, precise=False):
+                  mask_needs_grad=False, allow_tf32=False, precise=False, out=None):
     """(dq, dk, dv, dmask): input gradients in the inputs' dtype and layout (empty_like), and, when
     ``mask_needs_grad`` (an additive float mask), dS = P * (dP - delta) as a full fp32 (B, Hq, L, S)
     tensor (zero where causality skips or everything is masked) that the caller reduces over the
     mask's broadcast dims; otherwise None. Same mask, causal, scale, dropout_p, seed and offset as
-    the forward that produced o and lse (``o`` is read only when not ``precise``)."""
+    the forward that produced o and lse (``o`` is read only when not ``precise``). ``out``: (dq, dk, dv,
+    dmask) to write into, dmask zero-filled (or None)."""
     B, Hq, Hkv, L, S, E, Ev, mask, mask_kind = _check(q, k, v, mask, dropout_p)
     if mask_needs_grad and mask_kind != _MASK_ADD:
         raise ValueError("attention: mask_needs_grad needs an additive float mask")
@@ -602,8 +604,11 @@ def attention_bwd(do, q, k, v, o, lse, mask=None, *, causal=False, scale, dropou
         raise ValueError(f"attention: do {tuple(do.shape)}, o {tuple(o.shape)}, lse {tuple(lse.shape)} do not "
                          f"fit q {tuple(q.shape)} and v {tuple(v.shape)}")
     lse = lse.contiguous()
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dmask = torch.zeros((B, Hq, L, S), dtype=torch.float32, device=q.device) if mask_needs_grad else None
+    if out is not None:
+        dq, dk, dv, dmask = out
+    else:
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dmask = torch.zeros((B, Hq, L, S), dtype=torch.float32, device=q.device) if mask_needs_grad else None
     if B * Hq * L == 0 or S == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), dmask
     acc = _ACC[q.dtype]

@@ -178,9 +178,11 @@ def table(tensors) -> _Table:
     return tab
 
 
-def norm(tensors, norm_type: float, acc_dtype: torch.dtype) -> torch.Tensor:
-    """Per-tensor reductions of a dense same-dtype list (see fusedstab.reference.multi_tensor_norm)."""
+def norm(tensors, norm_type: float, out: torch.Tensor) -> torch.Tensor:
+    """Per-tensor reductions of a dense same-dtype list (see fusedstab.reference.multi_tensor_norm)
+    into ``out`` (len(tensors),), in its dtype (the accumulation dtype)."""
     tab = table(tensors)
+    acc_dtype = out.dtype
     device = tensors[0].device
     kind = reduce_kind(norm_type)
     partial = torch.empty(tab.num_chunks, dtype=acc_dtype, device=device)
@@ -189,7 +191,6 @@ def norm(tensors, norm_type: float, acc_dtype: torch.dtype) -> torch.Tensor:
     _norm_chunks_kernel[(tab.num_chunks,)](
         tab.addr, tab.start, tab.length, partial, p_hi, p_lo, DTYPE=_TL[tensors[0].dtype],
         ACC_T=_TL[acc_dtype], REDUCE=kind, BLOCK=BLOCK, num_warps=8)
-    out = torch.empty(tab.num_tensors, dtype=acc_dtype, device=device)
     _per_tensor_kernel[(tab.num_tensors,)](partial, tab.offsets, out, REDUCE=kind, BLOCK=256, num_warps=4)
     return out
 

@@ -1,7 +1,10 @@
 """Drop-in replacements for torch.nn modules, and fused blocks."""
-from .activation import BiasLeakyReLU, LinearLeakyReLU
 from .attention import MultiheadAttention
-from .normalization import BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, LayerNorm, RMSNorm, SyncBatchNorm
+from .batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm
+from .bias_leaky_relu import BiasLeakyReLU
+from .group_norm import GroupNorm
+from .layer_norm import LayerNorm, RMSNorm
+from .linear_leaky_relu import LinearLeakyReLU
 from .replace import replace_modules
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BiasLeakyReLU", "GroupNorm", "LayerNorm", "LinearLeakyReLU",

@@ -2,7 +2,9 @@
 import torch
 
 from .attention import MultiheadAttention
-from .normalization import BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, LayerNorm, RMSNorm, SyncBatchNorm
+from .batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm
+from .group_norm import GroupNorm
+from .layer_norm import LayerNorm, RMSNorm
 
 # torch.nn class -> fusedstab subclass with the same state (so swapping the class is enough; the fused
 # activation, which torch's modules lack, starts as None).

@@ -12,6 +12,10 @@ the accumulation dtype, -inf on fully masked rows (whose o is 0 and whose gradie
 keeps probability (b, h, i, j) by a counter-based RNG of (seed, offset, index), so backward regenerates
 the forward's mask. dmask is the (B, Hq, L, S) gradient of an additive mask (in the accumulation dtype)
 when mask_needs_grad, else empty.
+
+What every backend may assume (and the C++ kernels check): B, Hq, L, S, E, Ev >= 1; q, k, v (and o,
+do in backward) with a unit-stride last dim, any other strides; o, dq, dk, dv written through their
+(given) strides; lse contiguous; dmask zero-filled when asked for, else empty.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .. import backend, reference
-from ..reference import acc_dtype
+from ..numerics import acc_dtype, unsupported
 
 
 def _o_like(q: Tensor, Ev: int) -> Tensor:
@@ -42,10 +46,31 @@ def _dmask(q: Tensor, S: int, needed: bool) -> Tensor:
     return q.new_zeros((*q.shape[:3], S) if needed else (0,), dtype=acc_dtype(q.dtype))
 
 
+def _unit_last(t: Tensor) -> Tensor:
+    """t with a unit-stride last dim: a copy only when it is strided."""
+    if t.stride(-1) == 1:
+        return t
+    return t.as_strided(t.shape, (*t.stride()[:-1], 1)) if t.shape[-1] == 1 else t.contiguous()
+
+
+def _run(op: str, q: Tensor, v: Tensor, outs, args) -> None:
+    """The chosen backend, except for head dims of 0: the eager reference serves those everywhere."""
+    if q.shape[-1] and v.shape[-1]:
+        backend.dispatch(op, q.device.type, outs, *args)
+    else:
+        {"attention_fwd": _fwd_torch, "attention_bwd": _bwd_torch}[op](outs, *args)
+
+
 @torch.library.custom_op("fusedstab::attention_fwd", mutates_args=())
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool, scale: float,
                   dropout_p: float, seed: int, offset: int) -> tuple[Tensor, Tensor]:
-    return backend.dispatch("attention_fwd", q.device.type, q, k, v, mask, causal, scale, dropout_p, seed, offset)
+    outs = _o_like(q, v.shape[-1]), _lse(q)
+    args = (_unit_last(q), _unit_last(k), _unit_last(v), mask, causal, scale, dropout_p, seed, offset)
+    if outs[1].numel() and not k.shape[2]:  # no keys: every row fully masked
+        outs[0].zero_(), outs[1].fill_(float("-inf"))
+    elif outs[1].numel():
+        _run("attention_fwd", q, v, outs, args)
+    return outs
 
 
 @attention_fwd.register_fake
@@ -57,8 +82,15 @@ def _(q, k, v, mask, causal, scale, dropout_p, seed, offset):
 def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, mask: Optional[Tensor],
                   causal: bool, scale: float, dropout_p: float, seed: int, offset: int,
                   mask_needs_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return backend.dispatch("attention_bwd", q.device.type, do, q, k, v, o, lse, mask, causal, scale, dropout_p,
-                            seed, offset, mask_needs_grad)
+    outs = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), _dmask(q, k.shape[2], mask_needs_grad)
+    args = (_unit_last(do), _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(o), lse.contiguous(), mask,
+            causal, scale, dropout_p, seed, offset)
+    if not lse.numel() or not k.shape[2]:
+        for t in outs[:3]:
+            t.zero_()
+    else:
+        _run("attention_bwd", q, v, outs, args)
+    return outs
 
 
 @attention_bwd.register_fake
@@ -80,21 +112,21 @@ def _upcast(mask: Optional[Tensor], acc: torch.dtype) -> Optional[Tensor]:
     return mask if mask is None or mask.dtype == torch.bool else mask.to(acc)
 
 
-def _fwd_torch(q, k, v, mask, causal, scale, dropout_p, seed, offset):
+def _fwd_torch(outs, q, k, v, mask, causal, scale, dropout_p, seed, offset):
     acc = acc_dtype(q.dtype)
     qa, ka, va, ma = q.to(acc), k.to(acc), v.to(acc), _upcast(mask, acc)
-    o = reference.scaled_dot_product_attention(qa, ka, va, ma, dropout_p, causal, scale,
-                                               _keep(q, k.shape[2], dropout_p, seed, offset))
-    lse = torch.logsumexp(reference.attention_scores(qa, ka, ma, causal, scale), -1)
-    return _o_like(q, v.shape[-1]).copy_(o), lse
+    outs[0].copy_(reference.scaled_dot_product_attention(qa, ka, va, ma, dropout_p, causal, scale,
+                                                         _keep(q, k.shape[2], dropout_p, seed, offset)))
+    outs[1].copy_(torch.logsumexp(reference.attention_scores(qa, ka, ma, causal, scale), -1))
 
 
-def _bwd_torch(do, q, k, v, o, lse, mask, causal, scale, dropout_p, seed, offset, mask_needs_grad):
+def _bwd_torch(outs, do, q, k, v, o, lse, mask, causal, scale, dropout_p, seed, offset):
     acc = acc_dtype(q.dtype)
-    dq, dk, dv, ds = reference.attention_bwd(do.to(acc), q.to(acc), k.to(acc), v.to(acc), _upcast(mask, acc),
-                                             dropout_p, causal, scale, _keep(q, k.shape[2], dropout_p, seed, offset))
-    grads = tuple(torch.empty_like(t).copy_(g) for t, g in zip((q, k, v), (dq, dk, dv)))
-    return (*grads, ds if mask_needs_grad else _dmask(q, k.shape[2], False))
+    grads = reference.attention_bwd(do.to(acc), q.to(acc), k.to(acc), v.to(acc), _upcast(mask, acc), dropout_p,
+                                    causal, scale, _keep(q, k.shape[2], dropout_p, seed, offset))
+    for out, g in zip(outs, grads):
+        if out.numel():
+            out.copy_(g)
 
 
 backend.register("attention_fwd", "torch", _fwd_torch)
@@ -106,12 +138,11 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _triton_ok(*args) -> str | None:
-    q, k, v = args[:3] if len(args) == 9 else args[1:4]
-    if q.dtype not in _TRITON_DTYPES:
-        return f"dtype {q.dtype} is not served by the triton attention kernels (fp16, bf16, fp32)"
-    if max(q.shape[-1], v.shape[-1]) > 256:
-        return f"head dims up to 256 are served by the triton attention kernels, got {q.shape[-1]}, {v.shape[-1]}"
-    return None
+    q, v = (args[0], args[2]) if len(args) == 9 else (args[1], args[3])
+    why = unsupported((q,), _TRITON_DTYPES, "the triton attention kernels (fp16, bf16, fp32)")
+    if why is None and max(q.shape[-1], v.shape[-1]) > 256:
+        why = f"head dims up to 256 are served by the triton attention kernels, got {q.shape[-1]}, {v.shape[-1]}"
+    return why
 
 
 def _precise(q: Tensor) -> bool:
@@ -127,22 +158,20 @@ def _allow_tf32(q: Tensor) -> bool:
     return q.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
 
 
-def _fwd_triton(q, k, v, mask, causal, scale, dropout_p, seed, offset):
+def _fwd_triton(outs, q, k, v, mask, causal, scale, dropout_p, seed, offset):
     from ..kernels import attention as K
 
-    o, lse = K.attention_fwd(q, k, v, mask, causal=causal, scale=scale, dropout_p=dropout_p, seed=seed,
-                             offset=offset, allow_tf32=_allow_tf32(q), precise=_precise(q))
-    want = _o_like(q, v.shape[-1])
-    return (o if o.stride() == want.stride() else want.copy_(o)), lse
+    K.attention_fwd(q, k, v, mask, causal=causal, scale=scale, dropout_p=dropout_p, seed=seed, offset=offset,
+                    allow_tf32=_allow_tf32(q), precise=_precise(q), out=outs)
 
 
-def _bwd_triton(do, q, k, v, o, lse, mask, causal, scale, dropout_p, seed, offset, mask_needs_grad):
+def _bwd_triton(outs, do, q, k, v, o, lse, mask, causal, scale, dropout_p, seed, offset):
     from ..kernels import attention as K
 
-    dq, dk, dv, dmask = K.attention_bwd(do, q, k, v, o, lse, mask, causal=causal, scale=scale, dropout_p=dropout_p,
-                                        seed=seed, offset=offset, mask_needs_grad=mask_needs_grad,
-                                        allow_tf32=_allow_tf32(q), precise=_precise(q))
-    return dq, dk, dv, (dmask if mask_needs_grad else _dmask(q, k.shape[2], False))
+    dmask = outs[3] if outs[3].numel() else None
+    K.attention_bwd(do, q, k, v, o, lse, mask, causal=causal, scale=scale, dropout_p=dropout_p, seed=seed,
+                    offset=offset, mask_needs_grad=dmask is not None, allow_tf32=_allow_tf32(q),
+                    precise=_precise(q), out=(*outs[:3], dmask))
 
 
 backend.register("attention_fwd", "triton", _fwd_triton, _triton_ok)

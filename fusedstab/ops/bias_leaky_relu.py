@@ -1,17 +1,17 @@
-"""Bias + Leaky ReLU, and Linear + bias + Leaky ReLU, as torch.library custom ops.
+"""Bias + Leaky ReLU as torch.library custom ops.
 
 ``fusedstab::bias_leaky_relu_fwd(x, bias, slope, per_row) -> (y, mask)``
 ``fusedstab::bias_leaky_relu_bwd(dy, saved, slope, per_row, C, dx_dtype, need_dx, need_dbias) -> (dx, dbias)``
-``fusedstab::linear_leaky_relu_fwd(x, weight, bias, slope) -> (y, mask)``
 
-The elementwise ops see a 2-D (R, L) view in memory order (fusedstab.autograd builds it): the bias is
-per column (``per_row=False``, L == C) or per row (``per_row=True``, index row % C). y has the
-promoted dtype of x and bias, contiguous (R, L). ``mask`` is the packed sign mask (R, ceil(L/8))
-uint8 when slope < 0 (backward cannot tell the sign of x + b from y then), else empty; backward's
-``saved`` is that mask, or y. dbias comes back in the accumulation dtype, shape (C,), empty unless
-asked for; dx is empty unless asked for. The linear op's x is (M, K), weight (N, K): its y and mask
-are those of the elementwise op on x @ weight.T with per-column bias, so its backward is
-``bias_leaky_relu_bwd`` followed by two matmuls.
+The ops see a 2-D (R, L) view in memory order (fusedstab.autograd builds it): the bias is per column
+(``per_row=False``, L == C) or per row (``per_row=True``, index row % C). y has the promoted dtype of
+x and bias, contiguous (R, L). ``mask`` is the packed sign mask (R, ceil(L/8)) uint8 when slope < 0
+(backward cannot tell the sign of x + b from y then), else empty; backward's ``saved`` is that mask,
+or y. dbias comes back in the accumulation dtype, shape (C,), empty unless asked for; dx is empty
+unless asked for.
+
+What every backend may assume (and the C++ kernels check): numel > 0; x, dy, saved and the bias
+contiguous; outputs as above.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import backend
-from ..reference import acc_dtype
+from ..numerics import FLOATS, acc_dtype, unsupported
 
 _EMPTY = (0,)
 
@@ -31,7 +31,8 @@ def saves_mask(slope: float) -> bool:
     return slope < 0
 
 
-def _fwd_outputs(x: Tensor, bias: Optional[Tensor], slope: float, L: Optional[int] = None):
+def fwd_outputs(x: Tensor, bias: Optional[Tensor], slope: float, L: Optional[int] = None):
+    """(y, mask) of an (R, L) output: shared with linear_leaky_relu, whose L is out_features."""
     R = x.shape[0]
     L = x.shape[1] if L is None else L
     dtype = x.dtype if bias is None else torch.promote_types(x.dtype, bias.dtype)
@@ -40,44 +41,45 @@ def _fwd_outputs(x: Tensor, bias: Optional[Tensor], slope: float, L: Optional[in
     return y, mask
 
 
-@torch.library.custom_op("fusedstab::bias_leaky_relu_fwd", mutates_args=())
-def bias_leaky_relu_fwd(x: Tensor, bias: Optional[Tensor], slope: float, per_row: bool
-                        ) -> tuple[Tensor, Tensor]:
-    return backend.dispatch("bias_leaky_relu_fwd", x.device.type, x, bias, slope, per_row)
-
-
-@bias_leaky_relu_fwd.register_fake
-def _(x, bias, slope, per_row):
-    return _fwd_outputs(x, bias, slope)
-
-
-@torch.library.custom_op("fusedstab::bias_leaky_relu_bwd", mutates_args=())
-def bias_leaky_relu_bwd(dy: Tensor, saved: Tensor, slope: float, per_row: bool, C: int,
-                        dx_dtype: torch.dtype, need_dx: bool, need_dbias: bool) -> tuple[Tensor, Tensor]:
-    return backend.dispatch("bias_leaky_relu_bwd", dy.device.type, dy, saved, slope, per_row, C, dx_dtype,
-                            need_dx, need_dbias)
-
-
 def _bwd_outputs(dy, C, dx_dtype, need_dx, need_dbias):
     dx = dy.new_empty(dy.shape if need_dx else _EMPTY, dtype=dx_dtype)
     db = dy.new_empty((C,) if need_dbias else _EMPTY, dtype=acc_dtype(dy.dtype))
     return dx, db
 
 
+def _dense(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.contiguous()
+
+
+@torch.library.custom_op("fusedstab::bias_leaky_relu_fwd", mutates_args=())
+def bias_leaky_relu_fwd(x: Tensor, bias: Optional[Tensor], slope: float, per_row: bool
+                        ) -> tuple[Tensor, Tensor]:
+    outs = fwd_outputs(x, bias, slope)
+    if x.numel():
+        backend.dispatch("bias_leaky_relu_fwd", x.device.type, outs, x.contiguous(), _dense(bias), slope, per_row)
+    return outs
+
+
+@bias_leaky_relu_fwd.register_fake
+def _(x, bias, slope, per_row):
+    return fwd_outputs(x, bias, slope)
+
+
+@torch.library.custom_op("fusedstab::bias_leaky_relu_bwd", mutates_args=())
+def bias_leaky_relu_bwd(dy: Tensor, saved: Tensor, slope: float, per_row: bool, C: int,
+                        dx_dtype: torch.dtype, need_dx: bool, need_dbias: bool) -> tuple[Tensor, Tensor]:
+    outs = _bwd_outputs(dy, C, dx_dtype, need_dx, need_dbias)
+    if not dy.numel():
+        outs[1].zero_()
+    elif need_dx or need_dbias:
+        backend.dispatch("bias_leaky_relu_bwd", dy.device.type, outs, dy.contiguous(), saved.contiguous(), slope,
+                         per_row, C)
+    return outs
+
+
 @bias_leaky_relu_bwd.register_fake
 def _(dy, saved, slope, per_row, C, dx_dtype, need_dx, need_dbias):
     return _bwd_outputs(dy, C, dx_dtype, need_dx, need_dbias)
-
-
-@torch.library.custom_op("fusedstab::linear_leaky_relu_fwd", mutates_args=())
-def linear_leaky_relu_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], slope: float
-                          ) -> tuple[Tensor, Tensor]:
-    return backend.dispatch("linear_leaky_relu_fwd", x.device.type, x, weight, bias, slope)
-
-
-@linear_leaky_relu_fwd.register_fake
-def _(x, weight, bias, slope):
-    return _fwd_outputs(x, None, slope, weight.shape[0])
 
 
 # ----------------------------------------------------------------------------- torch backend
@@ -98,95 +100,56 @@ def unpack_mask(mask: Tensor, L: int) -> Tensor:
     return ((mask[..., None] >> shifts) & 1).bool().reshape(mask.shape[0], -1)[:, :L]
 
 
-def _activate(z: Tensor, slope: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    y = torch.where(z > 0, z, z * slope).to(out_dtype).contiguous()  # as the op promises
-    mask = pack_mask(z > 0) if saves_mask(slope) else z.new_empty(_EMPTY, dtype=torch.uint8)
-    return y, mask
+def activate_into(outs, z: Tensor, slope: float) -> None:
+    """y = leaky_relu(z) (z in the accumulation dtype) rounded once into outs[0], and the sign mask."""
+    y, mask = outs
+    y.copy_(torch.where(z > 0, z, z * slope))
+    if saves_mask(slope):
+        mask.copy_(pack_mask(z > 0))
 
 
-def _fwd_torch(x, bias, slope, per_row):
-    y, _ = _fwd_outputs(x, bias, slope)
-    z = x.to(acc_dtype(y.dtype))
-    if bias is not None and x.numel():
+def _fwd_torch(outs, x, bias, slope, per_row):
+    z = x.to(acc_dtype(outs[0].dtype))
+    if bias is not None:
         z = z + _bias_2d(bias.to(z.dtype), x.shape[0], per_row)
-    return _activate(z, slope, y.dtype)
+    activate_into(outs, z, slope)
 
 
-def _bwd_torch(dy, saved, slope, per_row, C, dx_dtype, need_dx, need_dbias):
-    dx, db = _bwd_outputs(dy, C, dx_dtype, need_dx, need_dbias)
-    if not dy.numel():
-        return dx.zero_(), db.zero_()
+def _bwd_torch(outs, dy, saved, slope, per_row, C):
+    dx, db = outs
     pos = unpack_mask(saved, dy.shape[1]) if saves_mask(slope) else saved > 0
-    g = dy.to(db.dtype)
+    g = dy.to(acc_dtype(dy.dtype))
     dz = torch.where(pos, g, g * slope)
-    if need_dx:
-        dx = dz.to(dx_dtype).contiguous()
-    if need_dbias:
-        db = dz.sum(1).view(-1, C).sum(0) if per_row else dz.sum(0)
-    return dx, db
-
-
-def _linear_torch(x, weight, bias, slope):
-    z = torch.nn.functional.linear(x, weight, bias)
-    return _activate(z.to(acc_dtype(z.dtype)), slope, z.dtype)
+    if dx.numel():
+        dx.copy_(dz)
+    if db.numel():
+        db.copy_(dz.sum(1).view(-1, C).sum(0) if per_row else dz.sum(0))
 
 
 backend.register("bias_leaky_relu_fwd", "torch", _fwd_torch)
 backend.register("bias_leaky_relu_bwd", "torch", _bwd_torch)
-backend.register("linear_leaky_relu_fwd", "torch", _linear_torch)
 
 
 # ----------------------------------------------------------------------------- triton backend
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+def _triton_ok(*args) -> str | None:
+    return unsupported(args, FLOATS + (torch.uint8,), "the triton kernels")
 
 
-def _elementwise_ok(*args) -> str | None:
-    for t in args:
-        if isinstance(t, Tensor) and t.dtype not in _FLOATS + (torch.uint8,):
-            return f"dtype {t.dtype} is not supported by the triton kernels"
-    return None
-
-
-def _matmul_ok(x, weight, bias, slope) -> str | None:
-    if x.dtype not in _FLOATS:
-        return f"dtype {x.dtype} is not supported by the triton kernels"
-    if x.dtype == torch.float64 and x.device.type == "cuda":
-        return "fp64 matmuls are left to cuBLAS (the torch backend)"
-    return None
-
-
-def _fwd_triton(x, bias, slope, per_row):
+def _fwd_triton(outs, x, bias, slope, per_row):
     from ..kernels import bias_leaky_relu as K
 
-    y, mask = _fwd_outputs(x, bias, slope)
-    if x.numel():
-        K.fwd(x, None if bias is None else bias.contiguous(), y, mask if saves_mask(slope) else None,
-              slope, per_row)
-    return y, mask
+    y, mask = outs
+    K.fwd(x, bias, y, mask if saves_mask(slope) else None, slope, per_row)
 
 
-def _bwd_triton(dy, saved, slope, per_row, C, dx_dtype, need_dx, need_dbias):
+def _bwd_triton(outs, dy, saved, slope, per_row, C):
     from ..kernels import bias_leaky_relu as K
 
-    dx, db = _bwd_outputs(dy, C, dx_dtype, need_dx, need_dbias)
-    if not dy.numel():
-        return dx, db.zero_()
-    part = K.bwd(dy, saved, dx if need_dx else None, slope, saves_mask(slope), per_row, need_dbias)
-    if need_dbias:  # the second, small reduction of the per-program partial sums
+    dx, db = outs
+    part = K.bwd(dy, saved, dx if dx.numel() else None, slope, saves_mask(slope), per_row, db.numel() > 0)
+    if db.numel():  # the second, small reduction of the per-program partial sums
         db.copy_(part.sum(0).view(-1, C).sum(0) if per_row else part.sum(0))
-    return dx, db
 
 
-def _linear_triton(x, weight, bias, slope):
-    from ..kernels import linear_leaky_relu as K
-
-    y, mask = _fwd_outputs(x, None, slope, weight.shape[0])
-    if y.numel():
-        K.linear_leaky_relu(x, weight, None if bias is None else bias.contiguous(), y,
-                            mask if saves_mask(slope) else None, slope)
-    return y, mask
-
-
-backend.register("bias_leaky_relu_fwd", "triton", _fwd_triton, _elementwise_ok)
-backend.register("bias_leaky_relu_bwd", "triton", _bwd_triton, _elementwise_ok)
-backend.register("linear_leaky_relu_fwd", "triton", _linear_triton, _matmul_ok)
+backend.register("bias_leaky_relu_fwd", "triton", _fwd_triton, _triton_ok)
+backend.register("bias_leaky_relu_bwd", "triton", _bwd_triton, _triton_ok)

@@ -12,6 +12,10 @@ dweight / dbias come back in the accumulation dtype, empty when weight / bias is
 On the triton backend dense channels-last input runs on the BatchNorm kernels (whole rows of C read
 per sample, per-(sample, channel) statistics combined into groups here), any other layout on the
 per-group kernels of fusedstab.kernels.group_norm.
+
+What every backend may assume (and the C++ kernels check): numel > 0; x in one of the layouts of
+fusedstab.ops.layout (dense NCHW or channels-inner), dy and the y / dx it writes with x's strides;
+weight and bias contiguous (C,) of any float dtype; mean, rstd (N, G) contiguous.
 """
 from __future__ import annotations
 
@@ -21,9 +25,8 @@ import torch
 from torch import Tensor
 
 from .. import backend, reference
-from . import batch_norm
-from .batch_norm import _dense
-from ..reference import acc_dtype
+from ..numerics import acc_dtype, chan_combine, unsupported
+from .layout import channels_inner, dense, like, write_into
 
 _EMPTY = (0,)
 
@@ -33,10 +36,26 @@ def _stats(x, G):
     return x.new_empty((x.shape[0], G), dtype=acc), x.new_empty((x.shape[0], G), dtype=acc)
 
 
+def _bwd_outputs(x, weight, bias, acc):
+    dw = x.new_empty(_EMPTY if weight is None else weight.shape, dtype=acc)
+    db = x.new_empty(_EMPTY if bias is None else bias.shape, dtype=acc)
+    return torch.empty_like(x), dw, db
+
+
+def _dense(p: Optional[Tensor]) -> Optional[Tensor]:
+    return None if p is None else p.contiguous()
+
+
 @torch.library.custom_op("fusedstab::group_norm_fwd", mutates_args=())
 def group_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int, eps: float,
                    activation: str, slope: float) -> tuple[Tensor, Tensor, Tensor]:
-    return backend.dispatch("group_norm_fwd", x.device.type, x, weight, bias, num_groups, eps, activation, slope)
+    y, (mean, rstd) = torch.empty_like(x), _stats(x, num_groups)
+    if not x.numel():  # groups of no elements
+        return y, mean.zero_(), rstd.fill_(float("nan"))
+    xk = dense(x)
+    args = (xk, _dense(weight), _dense(bias), num_groups, eps, activation, slope)
+    write_into(y, xk, lambda out: backend.dispatch("group_norm_fwd", x.device.type, (out, mean, rstd), *args))
+    return y, mean, rstd
 
 
 @group_norm_fwd.register_fake
@@ -47,14 +66,14 @@ def _(x, weight, bias, num_groups, eps, activation, slope):
 @torch.library.custom_op("fusedstab::group_norm_bwd", mutates_args=())
 def group_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
                    rstd: Tensor, num_groups: int, activation: str, slope: float) -> tuple[Tensor, Tensor, Tensor]:
-    return backend.dispatch("group_norm_bwd", x.device.type, dy, x, weight, bias, mean, rstd, num_groups,
-                            activation, slope)
-
-
-def _bwd_outputs(x, weight, bias, acc):
-    dw = x.new_empty(_EMPTY if weight is None else weight.shape, dtype=acc)
-    db = x.new_empty(_EMPTY if bias is None else bias.shape, dtype=acc)
-    return torch.empty_like(x), dw, db
+    dx, dw, db = _bwd_outputs(x, weight, bias, mean.dtype)
+    if not x.numel():
+        return dx, dw.zero_(), db.zero_()
+    xk = dense(x)
+    args = (like(dy, xk), xk, _dense(weight), _dense(bias), mean.contiguous(), rstd.contiguous(), num_groups,
+            activation, slope)
+    write_into(dx, xk, lambda out: backend.dispatch("group_norm_bwd", x.device.type, (out, dw, db), *args))
+    return dx, dw, db
 
 
 @group_norm_bwd.register_fake
@@ -62,28 +81,20 @@ def _(dy, x, weight, bias, mean, rstd, num_groups, activation, slope):
     return _bwd_outputs(x, weight, bias, mean.dtype)
 
 
-def _empty_fwd(x, G):
-    mean, rstd = _stats(x, G)
-    return torch.empty_like(x), mean.zero_(), rstd.fill_(float("nan"))  # groups of no elements
-
-
 # ----------------------------------------------------------------------------- torch backend
-def _fwd_torch(x, weight, bias, G, eps, act, slope):
-    if not x.numel():
-        return _empty_fwd(x, G)
-    y, mean, rstd = reference.group_norm_fwd(x, weight, bias, G, eps, act, slope)
-    out = torch.empty_like(x)
-    out.copy_(y)  # in x's layout, as the op promises
-    return out, mean, rstd
+def _fwd_torch(outs, x, weight, bias, G, eps, act, slope):
+    for out, t in zip(outs, reference.group_norm_fwd(x, weight, bias, G, eps, act, slope)):
+        out.copy_(t)
 
 
-def _bwd_torch(dy, x, weight, bias, mean, rstd, G, act, slope):
-    dx, dw, db = _bwd_outputs(x, weight, bias, mean.dtype)
-    if not x.numel():
-        return dx, dw.zero_(), db.zero_()
+def _bwd_torch(outs, dy, x, weight, bias, mean, rstd, G, act, slope):
+    dx, dw, db = outs
     gx, gw, gb = reference.group_norm_bwd(dy, x, weight, bias, mean, rstd, G, act, slope)
     dx.copy_(gx)
-    return dx, (dw if weight is None else dw.copy_(gw)), (db if bias is None else db.copy_(gb))
+    if weight is not None:
+        dw.copy_(gw)
+    if bias is not None:
+        db.copy_(gb)
 
 
 backend.register("group_norm_fwd", "torch", _fwd_torch)
@@ -91,86 +102,69 @@ backend.register("group_norm_bwd", "torch", _bwd_torch)
 
 
 # ----------------------------------------------------------------------------- triton backend
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
 def _triton_ok(*args) -> str | None:
-    for t in args:
-        if isinstance(t, Tensor) and t.dtype not in _FLOATS:
-            return f"dtype {t.dtype} is not supported by the triton kernels"
-    return None
+    return unsupported(args, what="the triton kernels")
 
 
-def _fwd_channels_inner(x, weight, bias, G, eps, act, slope):
+def _fwd_channels_inner(outs, x, weight, bias, G, eps, act, slope):
     """Channels-last: the BatchNorm kernels read whole rows of C (a group's C/G channels alone would be
     runs of a few bytes) and give per-(sample, channel) statistics, combined into groups here."""
     from ..kernels import batch_norm as KB
 
+    y, mean, rstd = outs
     N, C, S = x.shape
     acc = acc_dtype(x.dtype)
     count, pivot, pmean, pm2 = KB.stats(x, True, acc, per_sample=True).double().unbind(1)  # (N, SPLIT, C)
-    count, mean, m2 = reference.chan_combine(count, pivot + pmean, pm2, dim=1)  # (N, C), float64
-    count, mean, m2 = reference.chan_combine(*(t.view(N, G, C // G) for t in (count, mean, m2)), dim=2)
-    mean, rstd = mean.to(acc), torch.rsqrt(m2 / count + eps).to(acc)
-    y = torch.empty_like(x)
-    KB.elemt(x, _dense(weight), _dense(bias), y, *(t.repeat_interleave(C // G, 1) for t in (mean, rstd)), act,
-             slope, True, per_sample=True)
-    return y, mean, rstd
+    count, gmean, m2 = chan_combine(count, pivot + pmean, pm2, dim=1)  # (N, C), float64
+    count, gmean, m2 = chan_combine(*(t.view(N, G, C // G) for t in (count, gmean, m2)), dim=2)
+    mean.copy_(gmean), rstd.copy_(torch.rsqrt(m2 / count + eps))
+    KB.elemt(x, weight, bias, y, *(t.repeat_interleave(C // G, 1) for t in (mean, rstd)), act, slope, True,
+             per_sample=True)
 
 
-def _bwd_channels_inner(dy, x, weight, bias, mean, rstd, G, act, slope):
+def _bwd_channels_inner(outs, dy, x, weight, bias, mean, rstd, G, act, slope):
     """Backward of _fwd_channels_inner: per-(sample, channel) sum(dz) and sum(dz * xhat) give dbias,
     dweight and the group means of gw = dz * w and gw * xhat for dx."""
     from ..kernels import batch_norm as KB
 
+    dx, dw, db = outs
     N, C, S = x.shape
-    w, b = _dense(weight), _dense(bias)
-    mean_c, rstd_c = (t.contiguous().repeat_interleave(C // G, 1) for t in (mean, rstd))
-    dy = batch_norm._as(dy, x)
-    sdz, sdzx = KB.bwd_reduce(dy, x, w, b, mean_c, rstd_c, act, slope, True, per_sample=True).sum(2).unbind(1)
+    mean_c, rstd_c = (t.repeat_interleave(C // G, 1) for t in (mean, rstd))
+    sdz, sdzx = KB.bwd_reduce(dy, x, weight, bias, mean_c, rstd_c, act, slope, True, per_sample=True).sum(2).unbind(1)
     wv = 1.0 if weight is None else weight.to(mean.dtype)
     coef = torch.stack([(t * wv).view(N, G, -1).sum(2).div(C // G * S).repeat_interleave(C // G, 1)
                         for t in (sdz, sdzx)], 1)  # (N, 2, C): group means of gw and gw * xhat
-    dx = torch.empty_like(x)
-    KB.bwd_elemt(dy, x, w, b, dx, mean_c, rstd_c, coef, act, slope, True, per_sample=True)
-    return dx, sdzx.sum(0), sdz.sum(0)
+    KB.bwd_elemt(dy, x, weight, bias, dx, mean_c, rstd_c, coef, act, slope, True, per_sample=True)
+    if weight is not None:
+        dw.copy_(sdzx.sum(0))
+    if bias is not None:
+        db.copy_(sdz.sum(0))
 
 
-def _fwd_triton(x, weight, bias, G, eps, act, slope):
+def _fwd_triton(outs, x, weight, bias, G, eps, act, slope):
     from ..kernels import batch_norm as KB
     from ..kernels import group_norm as K
 
-    if not x.numel():
-        return _empty_fwd(x, G)
-    if batch_norm.channels_inner(x):
-        return _fwd_channels_inner(x, weight, bias, G, eps, act, slope)
-    N = x.shape[0]
-    count, mean, m2 = KB.combine(K.fwd_stats(x, G), acc_dtype(x.dtype))  # per group, (N*G,) each
-    rstd = torch.rsqrt(m2 / count + eps).view(N, G)
-    mean = mean.view(N, G).clone()  # its own storage, as the fake promises
-    y = torch.empty_like(x)
-    K.fwd_norm(x, _dense(weight), _dense(bias), y, mean, rstd, G, act, slope)
-    return y, mean, rstd
+    if channels_inner(x):
+        return _fwd_channels_inner(outs, x, weight, bias, G, eps, act, slope)
+    y, mean, rstd = outs
+    count, gmean, m2 = KB.combine(K.fwd_stats(x, G), acc_dtype(x.dtype))  # per group, (N*G,) each
+    mean.copy_(gmean.view(mean.shape)), rstd.copy_(torch.rsqrt(m2 / count + eps).view(rstd.shape))
+    K.fwd_norm(x, weight, bias, y, mean, rstd, G, act, slope)
 
 
-def _bwd_triton(dy, x, weight, bias, mean, rstd, G, act, slope):
+def _bwd_triton(outs, dy, x, weight, bias, mean, rstd, G, act, slope):
     from ..kernels import group_norm as K
 
-    dx, dw, db = _bwd_outputs(x, weight, bias, mean.dtype)
-    if not x.numel():
-        return dx, dw.zero_(), db.zero_()
-    if batch_norm.channels_inner(x):
-        gx, gw, gb = _bwd_channels_inner(dy, x, weight, bias, mean, rstd, G, act, slope)
-        return gx, (dw if weight is None else dw.copy_(gw)), (db if bias is None else db.copy_(gb))
-    w, b = _dense(weight), _dense(bias)
-    mean, rstd = mean.contiguous(), rstd.contiguous()
-    gpart, cpart = K.bwd_reduce(dy, x, w, b, mean, rstd, G, act, slope)
-    K.bwd_dx(dy, x, w, b, dx, mean, rstd, gpart.sum(1), G, act, slope)
+    if channels_inner(x):
+        return _bwd_channels_inner(outs, dy, x, weight, bias, mean, rstd, G, act, slope)
+    dx, dw, db = outs
+    gpart, cpart = K.bwd_reduce(dy, x, weight, bias, mean, rstd, G, act, slope)
+    K.bwd_dx(dy, x, weight, bias, dx, mean, rstd, gpart.sum(1), G, act, slope)
     if weight is not None:
         dw.copy_(cpart[:, :, 0].sum((0, 1)))
     if bias is not None:
         db.copy_(cpart[:, :, 1].sum((0, 1)))
-    return dx, dw, db
 
 
 backend.register("group_norm_fwd", "triton", _fwd_triton, _triton_ok)

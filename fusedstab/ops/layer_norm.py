@@ -8,17 +8,21 @@ contiguous. Optional outputs that do not apply are empty tensors, since a custom
 None or an alias of an input: h without a residual, mean for RMSNorm, dweight/dbias without weight or
 bias. Input validation with torch's messages happens in ``fusedstab.functional``; these ops assume
 valid, same-device, floating-point tensors.
+
+What every backend may assume (and the C++ kernels check): numel > 0; x, residual, dy, h, dh with
+unit column stride (any row stride); weight and bias contiguous (N,), of any float dtype; y, h, dx
+contiguous; mean / rstd (M,) in the accumulation dtype of h's dtype (mean empty for RMSNorm);
+dweight / dbias in the parameter's dtype, empty without it.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import backend, reference
-from ..reference import acc_dtype
+from ..numerics import acc_dtype, unsupported
 
 _EMPTY = (0,)
 
@@ -45,11 +49,28 @@ def _bwd_outputs(h, weight, bias):
     return dx, dw, db
 
 
+def _unit_cols(t: Optional[Tensor]) -> Optional[Tensor]:
+    """Rows with unit column stride: a copy only when a row is strided."""
+    if t is None or t.stride(1) == 1:
+        return t
+    return t.as_strided(t.shape, (t.stride(0), 1)) if t.shape[1] == 1 else t.contiguous()
+
+
+def _dense(p: Optional[Tensor]) -> Optional[Tensor]:
+    return None if p is None else p.contiguous()  # weight/bias: N elements, a copy is cheap
+
+
 @torch.library.custom_op("fusedstab::layer_norm_fwd", mutates_args=())
 def layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                    residual: Optional[Tensor], eps: float, rms: bool
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return backend.dispatch("layer_norm_fwd", x.device.type, x, weight, bias, residual, eps, rms)
+    outs = _fwd_outputs(x, residual, rms)
+    if not x.numel():  # rows of length 0 have no statistics (torch reports mean 0, rstd NaN)
+        outs[2].zero_(), outs[3].fill_(float("nan"))
+        return outs
+    backend.dispatch("layer_norm_fwd", x.device.type, outs, _unit_cols(x), _dense(weight), _dense(bias),
+                     _unit_cols(residual), eps, rms)
+    return outs
 
 
 @layer_norm_fwd.register_fake
@@ -61,7 +82,14 @@ def _(x, weight, bias, residual, eps, rms):
 def layer_norm_bwd(dy: Tensor, h: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                    mean: Tensor, rstd: Tensor, dh: Optional[Tensor], rms: bool
                    ) -> tuple[Tensor, Tensor, Tensor]:
-    return backend.dispatch("layer_norm_bwd", h.device.type, dy, h, weight, bias, mean, rstd, dh, rms)
+    outs = _bwd_outputs(h, weight, bias)
+    if not h.numel():
+        for t in outs:
+            t.zero_()
+        return outs
+    backend.dispatch("layer_norm_bwd", h.device.type, outs, _unit_cols(dy), _unit_cols(h), _dense(weight),
+                     _dense(bias), mean.contiguous(), rstd.contiguous(), _unit_cols(dh), rms)
+    return outs
 
 
 @layer_norm_bwd.register_fake
@@ -70,30 +98,24 @@ def _(dy, h, weight, bias, mean, rstd, dh, rms):
 
 
 # ----------------------------------------------------------------------------- torch backend
-def _fwd_torch(x, weight, bias, residual, eps, rms):
-    if not x.numel():
-        y, h, mean, rstd = _fwd_outputs(x, residual, rms)
-        _fill_empty_stats(mean, rstd)
-        return y, h, mean, rstd
-    y, h, mean, rstd = reference.norm_fwd(x, weight, bias, residual, eps, rms)
-    # The reference's outputs are fresh tensors (never views of the inputs), as custom ops require.
-    return (y.contiguous(), x.new_empty(_EMPTY, dtype=_h_dtype(x, residual)) if h is None else h.contiguous(),
-            x.new_empty(_EMPTY, dtype=rstd.dtype) if mean is None else mean, rstd)
+def _fwd_torch(outs, x, weight, bias, residual, eps, rms):
+    y, h, mean, rstd = outs
+    ry, rh, rmean, rrstd = reference.norm_fwd(x, weight, bias, residual, eps, rms)
+    y.copy_(ry), rstd.copy_(rrstd)
+    if rh is not None:
+        h.copy_(rh)
+    if rmean is not None:
+        mean.copy_(rmean)
 
 
-def _bwd_torch(dy, h, weight, bias, mean, rstd, dh, rms):
-    if not h.numel():
-        dx, dw, db = _bwd_outputs(h, weight, bias)
-        return dx.zero_(), dw.zero_(), db.zero_()
-    dx, dw, db = reference.norm_bwd(dy, h, weight, None if rms else mean, rstd, dh, rms, bias is not None)
-    return (dx.contiguous(), h.new_empty(_EMPTY) if dw is None else dw.to(weight.dtype),
-            h.new_empty(_EMPTY) if db is None else db.to(bias.dtype))
-
-
-def _fill_empty_stats(mean, rstd):
-    # Rows of length 0 have no statistics (torch reports mean 0, rstd NaN); y is empty anyway.
-    mean.zero_()
-    rstd.fill_(float("nan"))
+def _bwd_torch(outs, dy, h, weight, bias, mean, rstd, dh, rms):
+    dx, dw, db = outs
+    gx, gw, gb = reference.norm_bwd(dy, h, weight, None if rms else mean, rstd, dh, rms, bias is not None)
+    dx.copy_(gx)
+    if gw is not None:
+        dw.copy_(gw)
+    if gb is not None:
+        db.copy_(gb)
 
 
 backend.register("layer_norm_fwd", "torch", _fwd_torch)
@@ -101,63 +123,28 @@ backend.register("layer_norm_bwd", "torch", _bwd_torch)
 
 
 # ----------------------------------------------------------------------------- triton backend
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+def _triton_ok(*args) -> str | None:
+    return unsupported(args, what="the triton kernels")
 
 
-def _triton_ok(*tensors) -> str | None:
-    for t in tensors:
-        if isinstance(t, Tensor) and t.dtype not in _TRITON_DTYPES and t.numel():
-            return f"dtype {t.dtype} is not supported by the triton kernels"
-    return None
-
-
-def _unit_cols(t: Optional[Tensor]) -> Optional[Tensor]:
-    """Kernels take any row stride but need contiguous rows: copy only when a row is strided."""
-    if t is not None and t.shape[1] > 1 and t.stride(1) != 1:
-        return t.contiguous()
-    return t
-
-
-def _dense(p: Optional[Tensor]) -> Optional[Tensor]:
-    return None if p is None else p.contiguous()  # weight/bias: N elements, a copy is cheap
-
-
-@functools.lru_cache(None)
-def _num_programs(device: torch.device) -> int:
-    """Programs of the persistent backward: enough to fill the GPU; few under the interpreter."""
-    if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
-def _fwd_triton(x, weight, bias, residual, eps, rms):
+def _fwd_triton(outs, x, weight, bias, residual, eps, rms):
     from ..kernels import layer_norm as K
 
-    weight, bias = _dense(weight), _dense(bias)
-    y, h, mean, rstd = _fwd_outputs(x, residual, rms)
-    if x.numel():
-        K.fwd(_unit_cols(x), _unit_cols(residual), weight, bias, y, h if residual is not None else None,
-              mean, rstd, eps, rms)
-    else:
-        _fill_empty_stats(mean, rstd)
-    return y, h, mean, rstd
+    y, h, mean, rstd = outs
+    K.fwd(x, residual, weight, bias, y, h if residual is not None else None, mean, rstd, eps, rms)
 
 
-def _bwd_triton(dy, h, weight, bias, mean, rstd, dh, rms):
+def _bwd_triton(outs, dy, h, weight, bias, mean, rstd, dh, rms):
     from ..kernels import layer_norm as K
+    from ..kernels.common import target_programs
 
-    weight, bias = _dense(weight), _dense(bias)
-    dx, dw, db = _bwd_outputs(h, weight, bias)
-    if not h.numel():
-        dx.zero_(), dw.zero_(), db.zero_()
-        return dx, dw, db
-    dw_part, db_part = K.bwd(_unit_cols(dy), _unit_cols(h), weight, mean, rstd, _unit_cols(dh), dx,
-                             weight is not None, bias is not None, rms, _num_programs(h.device))
+    dx, dw, db = outs
+    dw_part, db_part = K.bwd(dy, h, weight, mean, rstd, dh, dx, weight is not None, bias is not None, rms,
+                             target_programs(h.device, 2))
     if weight is not None:
         dw.copy_(dw_part.sum(0))
     if bias is not None:
         db.copy_(db_part.sum(0))
-    return dx, dw, db
 
 
 backend.register("layer_norm_fwd", "triton", _fwd_triton, _triton_ok)

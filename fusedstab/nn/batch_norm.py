@@ -1,67 +1,11 @@
-"""Drop-in LayerNorm, RMSNorm, GroupNorm, BatchNorm1d/2d/3d and SyncBatchNorm: subclasses of the
-torch.nn modules, so the constructor, defaults, parameters, buffers, state_dict keys, repr and
-reset_parameters are torch's own; only forward is fused (GroupNorm and the BatchNorms add an optional
-fused activation)."""
-import inspect
-
+"""Drop-in BatchNorm1d/2d/3d and SyncBatchNorm (subclasses of torch's) with an optional fused activation."""
 import torch
 
 from .. import functional as F
+from .fused_activation import FusedActivation, init_norm
 
 
-class LayerNorm(torch.nn.LayerNorm):
-    """``torch.nn.LayerNorm`` computed by fusedstab's fused kernels."""
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
-
-
-class RMSNorm(torch.nn.RMSNorm):
-    """``torch.nn.RMSNorm`` computed by fusedstab's fused kernels."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # torch names it x here
-        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
-
-
-def _init_norm(self, torch_cls, args, bias, activation, negative_slope):
-    """torch_cls.__init__(self, *args) with the keyword ``bias`` (passed on where this torch's module
-    has it, done here where it does not: torch < 2.13), and the fused activation."""
-    F.check_activation(activation, negative_slope)
-    if "bias" in inspect.signature(torch_cls.__init__).parameters:
-        torch_cls.__init__(self, *args, bias=bias)
-    else:
-        torch_cls.__init__(self, *args)
-        if not bias and self.bias is not None:
-            self.bias = None
-    self.activation, self.negative_slope = activation, negative_slope
-
-
-class _FusedActivation:
-    """repr: torch's, plus the activation when one is set."""
-
-    def extra_repr(self) -> str:
-        act = "" if self.activation is None else f", activation={self.activation!r}"
-        if self.activation == "leaky_relu":
-            act += f", negative_slope={self.negative_slope}"
-        return super().extra_repr() + act
-
-
-class GroupNorm(_FusedActivation, torch.nn.GroupNorm):
-    """``torch.nn.GroupNorm`` computed by fusedstab's kernels, optionally followed by an activation
-    fused into the same kernel (``activation``: None, "relu", "leaky_relu", "silu")."""
-
-    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
-                 device=None, dtype=None, *, bias: bool = True, activation: str | None = None,
-                 negative_slope: float = 0.01):
-        _init_norm(self, torch.nn.GroupNorm, (num_groups, num_channels, eps, affine, device, dtype), bias,
-                   activation, negative_slope)
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps, self.activation,
-                            self.negative_slope)
-
-
-class _BatchNorm(_FusedActivation):
+class _BatchNorm(FusedActivation):
     """forward as torch's _BatchNorm.forward, through fusedstab.functional.batch_norm."""
 
     def _factor_and_buffers(self):
@@ -90,7 +34,7 @@ class BatchNorm1d(_BatchNorm, torch.nn.BatchNorm1d):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
                  activation: str | None = None, negative_slope: float = 0.01):
-        _init_norm(self, torch.nn.BatchNorm1d, (num_features, eps, momentum, affine, track_running_stats, device,
+        init_norm(self, torch.nn.BatchNorm1d, (num_features, eps, momentum, affine, track_running_stats, device,
                                                 dtype), bias, activation, negative_slope)
 
 
@@ -100,7 +44,7 @@ class BatchNorm2d(_BatchNorm, torch.nn.BatchNorm2d):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
                  activation: str | None = None, negative_slope: float = 0.01):
-        _init_norm(self, torch.nn.BatchNorm2d, (num_features, eps, momentum, affine, track_running_stats, device,
+        init_norm(self, torch.nn.BatchNorm2d, (num_features, eps, momentum, affine, track_running_stats, device,
                                                 dtype), bias, activation, negative_slope)
 
 
@@ -110,7 +54,7 @@ class BatchNorm3d(_BatchNorm, torch.nn.BatchNorm3d):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
                  activation: str | None = None, negative_slope: float = 0.01):
-        _init_norm(self, torch.nn.BatchNorm3d, (num_features, eps, momentum, affine, track_running_stats, device,
+        init_norm(self, torch.nn.BatchNorm3d, (num_features, eps, momentum, affine, track_running_stats, device,
                                                 dtype), bias, activation, negative_slope)
 
 
@@ -123,7 +67,7 @@ class SyncBatchNorm(_BatchNorm, torch.nn.SyncBatchNorm):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, process_group=None, device=None, dtype=None, *,
                  bias: bool = True, activation: str | None = None, negative_slope: float = 0.01):
-        _init_norm(self, torch.nn.SyncBatchNorm, (num_features, eps, momentum, affine, track_running_stats,
+        init_norm(self, torch.nn.SyncBatchNorm, (num_features, eps, momentum, affine, track_running_stats,
                                                   process_group, device, dtype), bias, activation, negative_slope)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:

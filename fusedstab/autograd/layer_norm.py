@@ -1,0 +1,91 @@
+"""LayerNorm, RMSNorm and the fused residual add + norm: autograd.Functions over
+``fusedstab::layer_norm_fwd`` / ``layer_norm_bwd``."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import ops  # noqa: F401  (registers torch.ops.fusedstab.*)
+from .common import forward_backend, remember_backend
+
+_ops = torch.ops.fusedstab
+
+
+def _rows(t, normalized_shape):
+    """(M, N) view of t over its trailing normalized_shape (a copy only where no view exists)."""
+    n = math.prod(normalized_shape)
+    m = math.prod(t.shape[: t.dim() - len(normalized_shape)])
+    return t.reshape(m, n)
+
+
+def _flat(p):
+    return None if p is None else p.reshape(-1)
+
+
+def _forward(ctx, x, residual, normalized_shape, weight, bias, eps, rms):
+    """Shared forward: returns (y, h) with h = x + residual as x's shape, or None without one."""
+    normalized_shape = tuple(normalized_shape)
+    w, b = _flat(weight), _flat(bias)
+    x2 = _rows(x, normalized_shape)
+    r2 = None if residual is None else _rows(residual, normalized_shape)
+    y, h, mean, rstd = _ops.layer_norm_fwd(x2, w, b, r2, eps, rms)
+    remember_backend(ctx)
+    ctx.rms, ctx.normalized_shape, ctx.shape = rms, normalized_shape, x.shape
+    ctx.dtypes = (x.dtype, None if residual is None else residual.dtype)
+    # Backward needs the normalized h: x itself, or with a residual the h just written.
+    ctx.save_for_backward(x2 if residual is None else h, w, b, mean, rstd)
+    return y.view(x.shape), (None if residual is None else h.view(x.shape))
+
+
+def _backward(ctx, dy, dh=None):
+    """Shared backward: returns (dx, dresidual or None, dweight or None, dbias or None)."""
+    h, w, b, mean, rstd = ctx.saved_tensors
+    ns = ctx.normalized_shape
+    dh2 = None if dh is None else _rows(dh, ns)
+    with forward_backend(ctx):
+        dx, dw, db = _ops.layer_norm_bwd(_rows(dy, ns), h, w, b, mean, rstd, dh2, ctx.rms)
+    dx = dx.view(ctx.shape)
+    dres = None if ctx.dtypes[1] is None else dx.to(ctx.dtypes[1])
+    return (dx.to(ctx.dtypes[0]), dres, None if w is None else dw.view(ns),
+            None if b is None else db.view(ns))
+
+
+class LayerNormFunction(torch.autograd.Function):
+    """``LayerNormFunction.apply(input, normalized_shape, weight, bias, eps) -> output``"""
+
+    @staticmethod
+    def forward(ctx, input, normalized_shape, weight, bias, eps):
+        return _forward(ctx, input, None, normalized_shape, weight, bias, eps, False)[0]
+
+    @staticmethod
+    def backward(ctx, dy):
+        dx, _, dw, db = _backward(ctx, dy)
+        return dx, None, dw, db, None
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """``RMSNormFunction.apply(input, normalized_shape, weight, eps) -> output`` (eps a float)"""
+
+    @staticmethod
+    def forward(ctx, input, normalized_shape, weight, eps):
+        return _forward(ctx, input, None, normalized_shape, weight, None, eps, True)[0]
+
+    @staticmethod
+    def backward(ctx, dy):
+        dx, _, dw, _ = _backward(ctx, dy)
+        return dx, None, dw, None
+
+
+class AddLayerNormFunction(torch.autograd.Function):
+    """``AddLayerNormFunction.apply(x, residual, normalized_shape, weight, bias, eps, rms)
+    -> (norm(x + residual), x + residual)``"""
+
+    @staticmethod
+    def forward(ctx, x, residual, normalized_shape, weight, bias, eps, rms):
+        return _forward(ctx, x, residual, normalized_shape, weight, bias, eps, rms)
+
+    @staticmethod
+    def backward(ctx, dy, dh):
+        dx, dres, dw, db = _backward(ctx, dy, dh)
+        return dx, dres, None, dw, db, None, None
