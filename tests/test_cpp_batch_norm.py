@@ -159,15 +159,20 @@ def test_constant_channels(ops, cl):
 
 @pytest.mark.parametrize("cl", (False, True), ids=("nchw", "cl"))
 @pytest.mark.parametrize("act,slope", [("none", 0.01), ("relu", 0.01), ("leaky_relu", 0.2), ("silu", 0.01)])
-def test_nan_inf_like_torch(ops, cl, act, slope):
-    """NaN / +-Inf in a channel: torch's NaN/Inf pattern in y, dx, dweight, dbias; other channels as
-    torch."""
+@pytest.mark.parametrize("mode", ("train", "eval"))
+def test_nan_inf_like_torch(ops, cl, act, slope, mode):
+    """NaN / +-Inf in a channel: torch's NaN/Inf pattern in the batch mean, y, dx, dweight, dbias (training:
+    the whole channel; eval: the element, an infinite x giving a finite dx); other channels as torch."""
     x = make_x((3, 6, 20), torch.float32, cl)
     x[0, 0, 3], x[1, 2, 0], x[2, 4, 1], x[0, 4, 7] = float("nan"), float("inf"), float("inf"), float("-inf")
     w, b = 1 + 0.5 * torch.randn(6), 0.5 * torch.randn(6)
+    rm, rv = 0.3 * torch.randn(6), 0.5 + torch.rand(6)
     dy = torch.empty_like(x).copy_(torch.randn(x.shape))
-    _, *got = fs_bn(ops, x, w, b, act, slope, dy)
-    exp = eager(x, w, b, act, slope, dy)
+    training = mode == "train"
+    stats, *got = fs_bn(ops, x, w, b, act, slope, dy, training, rm, rv)
+    exp = eager(x, w, b, act, slope, dy, training, rm, rv)
+    mean = x.transpose(0, 1).reshape(6, -1).mean(1)
+    assert torch.equal(torch.isfinite(stats[1]), torch.isfinite(mean)), "batch mean"
     for g, e, name in zip(got, exp, ("y", "dx", "dweight", "dbias")):
         assert torch.equal(torch.isnan(g), torch.isnan(e)), name
         assert torch.equal(torch.isinf(g), torch.isinf(e)), name

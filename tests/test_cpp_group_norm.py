@@ -172,6 +172,7 @@ def test_nan_inf_like_torch(ops, cl, act, slope):
     y, mean, rstd = fwd(ops, x, w, b, 3, act, slope)
     dx, _, _ = bwd(ops, dy, x, w, b, mean, rstd, 3, act, slope)
     e_y, e_dx, _, _ = eager(x, w, b, 3, act, slope, dy)
+    assert torch.equal(torch.isfinite(mean), torch.isfinite(x.reshape(3, 3, -1).mean(-1))), "mean"
     for got, exp, name in ((y, e_y, "y"), (dx, e_dx, "dx")):
         assert torch.equal(torch.isnan(got), torch.isnan(exp)), name
         assert torch.equal(torch.isinf(got), torch.isinf(exp)), name

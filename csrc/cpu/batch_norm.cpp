@@ -95,7 +95,7 @@ std::vector<BwdParams<A>> channel_params(int64_t C, const std::optional<at::Tens
   const A* mean = channel_stat<A>(mean_t, C, op, "mean");
   const A* rstd = channel_stat<A>(rstd_t, C, op, "rstd");
   std::vector<BwdParams<A>> P(C);
-  for (int64_t c = 0; c < C; ++c) P[c] = BwdParams<A>{mean[c], rstd[c], rstd[c] * w[c], b[c], 0, 0, 0};
+  for (int64_t c = 0; c < C; ++c) P[c] = BwdParams<A>{mean[c], rstd[c], rstd[c] * w[c], b[c], 1, 0, 0, 1};
   return P;
 }
 
@@ -221,22 +221,29 @@ void batch_norm_bwd_reduce(const at::Tensor& dy, const at::Tensor& x, const std:
 
 template <typename T>
 void bwd_elemt_kernel(const at::Tensor& dy, const at::Tensor& x, const Shape& sh, const ParamRows<acc_t<T>>& P,
-                      int act, double slope_d, const at::Tensor& dx) {
+                      bool train, int act, double slope_d, const at::Tensor& dx) {
   using A = acc_t<T>;
   const int64_t C = sh.C;
   const T* DY = dy.const_data_ptr<T>();
   const T* X = x.const_data_ptr<T>();
   T* DX = dx.mutable_data_ptr<T>();
   const A slope = A(slope_d);
-  with_act(act, [&](auto A_) {
+  auto run = [&](auto A_, auto S_) {
     constexpr int ACT = decltype(A_)::value;
+    constexpr bool STATS = decltype(S_)::value;
     elementwise(
         sh,
         [&](int64_t o, int64_t len, int64_t c) {
-          const BwdParams<A> p{P.m[c], 0, P.a[c], P.b[c], P.p[c], P.q[c], P.u[c]};
-          dx_run<ACT>(DY + o, X + o, DX + o, len, p, slope);
+          const BwdParams<A> p{P.m[c], 0, P.a[c], P.b[c], P.p[c], P.q[c], P.u[c], P.k[c]};
+          dx_run<ACT, STATS>(DY + o, X + o, DX + o, len, p, slope);
         },
-        [&](int64_t r0, int64_t rows) { dx_rows<ACT>(DY + r0 * C, X + r0 * C, DX + r0 * C, rows, C, P, 0, slope); });
+        [&](int64_t r0, int64_t rows) {
+          dx_rows<ACT, STATS>(DY + r0 * C, X + r0 * C, DX + r0 * C, rows, C, P, 0, slope);
+        });
+  };
+  with_act(act, [&](auto A_) {
+    if (train) run(A_, std::true_type());
+    else run(A_, std::false_type());
   });
 }
 
@@ -255,17 +262,16 @@ void batch_norm_bwd_elemt(const at::Tensor& dy, const at::Tensor& x, const std::
     using A = acc_t<scalar_t>;
     const int64_t C = sh.C;
     auto P = channel_params<A>(C, weight, bias, mean, rstd, kBwdElemt);
-    // dx = w * rstd * (dz - coef0 - xhat * coef1) = dz * p - q - (x - mean) * u
+    // dx = w * rstd * (dz - coef0 - xhat * coef1): p = 1, q = coef0, u = rstd * coef1, k = w * rstd
     const A* cf = train ? coef->const_data_ptr<A>() : nullptr;
     ParamRows<A> rows(C);
     for (int64_t c = 0; c < C; ++c) {
-      const double k = double(P[c].a);  // rstd * w
-      P[c].p = P[c].a;
-      P[c].q = train ? A(k * cf[c]) : A(0);
-      P[c].u = train ? A(k * double(P[c].r) * cf[C + c]) : A(0);
+      P[c].q = train ? cf[c] : A(0);
+      P[c].u = train ? P[c].r * cf[C + c] : A(0);
+      P[c].k = P[c].a;
       rows.set(c, P[c]);
     }
-    if (x.numel()) bwd_elemt_kernel<scalar_t>(dy, x, sh, rows, act, slope, dx);
+    if (x.numel()) bwd_elemt_kernel<scalar_t>(dy, x, sh, rows, train, act, slope, dx);
   });
 }
 

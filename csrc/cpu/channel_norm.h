@@ -236,8 +236,8 @@ inline Mom from_shifted(double n, double p, double s, double q, bool* ok) {
   *ok = c <= m2 || !std::isfinite(q);  // non-finite input: NaN / inf whatever the pivot
   Mom out;
   out.n = n;
-  out.mean = std::isfinite(s) ? p + s / n : p;  // an inf chunk: mean inf, as torch
-  out.m2 = m2 < 0 ? 0.0 : m2;                   // rounding below 0; NaN stays NaN
+  out.mean = p + s / n;  // inf / NaN input: inf / NaN
+  out.m2 = m2 < 0 ? 0.0 : m2;  // rounding below 0; NaN stays NaN
   return out;
 }
 
@@ -371,9 +371,10 @@ void apply_rows(const T* x, T* y, int64_t rows, int64_t C, const acc_t<T>* pm, c
 }
 
 // Backward parameters of one channel: xhat = (x - m) * r, z = (x - m) * a + b (a = r * w), and
-// dx = dz * p - q - (x - m) * u.
+// dx = (dz * p - q - (x - m) * u) * k: BatchNorm's w * rstd * (dz - mean(dz) - xhat * mean(dz * xhat)),
+// GroupNorm's rstd * (w * dz - mean(w * dz) - xhat * mean(w * dz * xhat)).
 template <typename A> struct BwdParams {
-  A m, r, a, b, p, q, u;
+  A m, r, a, b, p, q, u, k;
 };
 
 // (sum dz, sum dz * xhat) over a run, dz = dy * act'(z).
@@ -440,32 +441,35 @@ void sums_rows(const T* dy, const T* x, int64_t rows, int64_t C, const BwdParams
   }
 }
 
-template <int ACT, typename V>
-inline V dx_vec(V g, V xv, V vm, V va, V vb, V vp, V vq, V vu, V vs) {
+// STATS: the statistics depend on x (training); else dx = dz * p * k, and an infinite x gives a finite
+// dx, as torch's eval backward.
+template <int ACT, bool STATS, typename V>
+inline V dx_vec(V g, V xv, V vm, V va, V vb, V vp, V vq, V vu, V vk, V vs) {
   V xm = xv - vm;
   V dz = ACT == kNone ? g : act_grad_vec<ACT>(g, at::vec::fmadd(xm, va, vb), vs);
-  return at::vec::fmsub(dz, vp, at::vec::fmadd(xm, vu, vq));
+  if constexpr (STATS) return at::vec::fnmadd(xm, vu, dz * vp - vq) * vk;
+  else return dz * vp * vk;
 }
 
 // dx over a run with one channel's parameters.
-template <int ACT, typename T>
+template <int ACT, bool STATS, typename T>
 void dx_run(const T* dy, const T* x, T* dx, int64_t len, const BwdParams<acc_t<T>>& P, acc_t<T> slope) {
   using IOT = IO<T>;
   using V = typename IOT::V;
   constexpr int64_t K = IOT::K;
-  const V vm(P.m), va(P.a), vb(P.b), vp(P.p), vq(P.q), vu(P.u), vs(slope);
+  const V vm(P.m), va(P.a), vb(P.b), vp(P.p), vq(P.q), vu(P.u), vk(P.k), vs(slope);
   int64_t i = 0;
   for (; i + K <= len; i += K)
-    IOT::store(dx + i, dx_vec<ACT>(IOT::load(dy + i), IOT::load(x + i), vm, va, vb, vp, vq, vu, vs));
+    IOT::store(dx + i, dx_vec<ACT, STATS>(IOT::load(dy + i), IOT::load(x + i), vm, va, vb, vp, vq, vu, vk, vs));
   if (i < len)
-    IOT::store(dx + i, dx_vec<ACT>(IOT::load(dy + i, len - i), IOT::load(x + i, len - i), vm, va, vb, vp, vq, vu, vs),
+    IOT::store(dx + i, dx_vec<ACT, STATS>(IOT::load(dy + i, len - i), IOT::load(x + i, len - i), vm, va, vb, vp, vq, vu, vk, vs),
                len - i);
 }
 
 // Per-channel parameters as separate arrays, for the row loops.
 template <typename A> struct ParamRows {
-  std::vector<A> m, a, b, p, q, u;
-  explicit ParamRows(int64_t n) : m(n), a(n), b(n), p(n), q(n), u(n) {}
+  std::vector<A> m, a, b, p, q, u, k;
+  explicit ParamRows(int64_t n) : m(n), a(n), b(n), p(n), q(n), u(n), k(n) {}
   void set(int64_t i, const BwdParams<A>& P) {
     m[i] = P.m;
     a[i] = P.a;
@@ -473,11 +477,12 @@ template <typename A> struct ParamRows {
     p[i] = P.p;
     q[i] = P.q;
     u[i] = P.u;
+    k[i] = P.k;
   }
 };
 
 // dx over rows of C channels, parameters per channel from offset o of the arrays.
-template <int ACT, typename T>
+template <int ACT, bool STATS, typename T>
 void dx_rows(const T* dy, const T* x, T* dx, int64_t rows, int64_t C, const ParamRows<acc_t<T>>& P, int64_t o,
              acc_t<T> slope) {
   using IOT = IO<T>;
@@ -485,17 +490,18 @@ void dx_rows(const T* dy, const T* x, T* dx, int64_t rows, int64_t C, const Para
   constexpr int64_t K = IOT::K;
   const V vs(slope);
   const auto *pm = P.m.data() + o, *pa = P.a.data() + o, *pb = P.b.data() + o, *pp = P.p.data() + o,
-             *pq = P.q.data() + o, *pu = P.u.data() + o;
+             *pq = P.q.data() + o, *pu = P.u.data() + o, *pk = P.k.data() + o;
   for (int64_t r = 0; r < rows; ++r, dy += C, x += C, dx += C) {
     int64_t j = 0;
     for (; j + K <= C; j += K)
-      IOT::store(dx + j, dx_vec<ACT>(IOT::load(dy + j), IOT::load(x + j), V::loadu(pm + j), V::loadu(pa + j),
-                                     V::loadu(pb + j), V::loadu(pp + j), V::loadu(pq + j), V::loadu(pu + j), vs));
+      IOT::store(dx + j, dx_vec<ACT, STATS>(IOT::load(dy + j), IOT::load(x + j), V::loadu(pm + j), V::loadu(pa + j),
+                                     V::loadu(pb + j), V::loadu(pp + j), V::loadu(pq + j), V::loadu(pu + j),
+                                     V::loadu(pk + j), vs));
     if (j < C) {
       const int64_t m = C - j;
-      IOT::store(dx + j, dx_vec<ACT>(IOT::load(dy + j, m), IOT::load(x + j, m), V::loadu(pm + j, m),
+      IOT::store(dx + j, dx_vec<ACT, STATS>(IOT::load(dy + j, m), IOT::load(x + j, m), V::loadu(pm + j, m),
                                      V::loadu(pa + j, m), V::loadu(pb + j, m), V::loadu(pp + j, m),
-                                     V::loadu(pq + j, m), V::loadu(pu + j, m), vs),
+                                     V::loadu(pq + j, m), V::loadu(pu + j, m), V::loadu(pk + j, m), vs),
                  m);
     }
   }

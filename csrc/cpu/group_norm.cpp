@@ -151,7 +151,8 @@ void bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const Shape& sh, int6
     return P;
   };
   // The group's sums from its channels' (sample n, channels c0.. of group ng), then dx's parameters:
-  // dx = rstd * (w * dz - mean(gw) - xhat * mean(gw * xhat)) = dz * p - q - (x - mean) * u.
+  // dx = rstd * (w * dz - mean(gw) - xhat * mean(gw * xhat)): p = w, q = mean(gw), u = rstd * mean(gw *
+  // xhat), k = rstd.
   auto dx_params = [&](int64_t ng, auto&& set) {
     const int64_t n = ng / G, c0 = (ng % G) * D;
     double sg = 0, sgx = 0;
@@ -162,9 +163,11 @@ void bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const Shape& sh, int6
     const double r = rstd[ng], cnt = double(D) * double(S);
     for (int64_t c = c0; c < c0 + D; ++c) {
       BwdParams<A> P = forward_params(n, c);
-      P.p = A(r * w[c]);
-      P.q = A(r * sg / cnt);
-      P.u = A(r * r * sgx / cnt);
+      // a group of one element: dx = 0 exactly (xhat = 0, gw = mean(gw)), not an fma's rounding of it
+      P.p = cnt == 1 ? A(0) : w[c];
+      P.q = cnt == 1 ? A(0) : A(sg / cnt);
+      P.u = A(r * sgx / cnt);
+      P.k = rstd[ng];
       set(c, P);
     }
   };
@@ -206,7 +209,7 @@ void bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const Shape& sh, int6
           int64_t run, s0, len;
           piece(u, k, run, s0, len);
           with_act(act, [&](auto A_) {
-            dx_run<decltype(A_)::value>(DY + run * S + s0, X + run * S + s0, DX + run * S + s0, len, params[run],
+            dx_run<decltype(A_)::value, true>(DY + run * S + s0, X + run * S + s0, DX + run * S + s0, len, params[run],
                                         slope);
           });
         });
@@ -242,7 +245,7 @@ void bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const Shape& sh, int6
         [&](int64_t n, int64_t k) {
           const int64_t r0 = n * S + k * RB, rows = std::min(RB, S - k * RB);
           with_act(act, [&](auto A_) {
-            dx_rows<decltype(A_)::value>(DY + r0 * C, X + r0 * C, DX + r0 * C, rows, C, params, n * C, slope);
+            dx_rows<decltype(A_)::value, true>(DY + r0 * C, X + r0 * C, DX + r0 * C, rows, C, params, n * C, slope);
           });
         });
   }
