@@ -66,8 +66,7 @@ template <typename T> void stats_kernel(const at::Tensor& x, const Shape& sh, co
         part[c * nk + k] = Mom{double(std::min(RB, R - k * RB)), mean[k * C + c], m2[k * C + c]};
   }
   for (int64_t c = 0; c < C; ++c) {
-    Mom m;
-    for (int64_t k = 0; k < nk; ++k) m.combine(part[c * nk + k]);
+    const Mom m = combine_sets(nk, [&](int64_t k) { return part[c * nk + k]; });
     out[c] = A(m.n);
     out[C + c] = A(m.mean);
     out[2 * C + c] = A(m.m2);

@@ -10,7 +10,7 @@
 //
 // Precision: a chunk's moments come from sum(x - p) and sum((x - p)^2) about a pivot p near its mean
 // (exact differences at any offset, so 1e4 + noise keeps fp32 precision; a second pass where p was
-// off), and chunks combine by Chan's formula in double.
+// off), and chunks combine by Chan et al.'s formula in double (combine_sets).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -34,6 +34,8 @@ using Mom = Moments<double>;
 constexpr int64_t kChunk = 2048;   // elements of a run chunk: two passes over it stay in L1
 constexpr int64_t kGrain = 32768;  // elements a thread takes at least (at::internal::GRAIN_SIZE): less
                                    // work runs on the calling thread
+
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // at::parallel_for's grain for tasks of `elems` elements each.
 inline int64_t grain_for(int64_t elems) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(elems, 1)); }
@@ -228,6 +230,25 @@ template <class F> inline void for_runs(int64_t a, int64_t b, int64_t S, const F
   }
 }
 
+// Sets 0..k-1 (get(i) -> Mom) combined by Chan et al.'s parallel formula, as two sums in a fixed order
+// (no division per set): n = sum n_i, mean = sum n_i mean_i / n, M2 = sum M2_i + n_i (mean_i - mean)^2.
+template <class Get> Mom combine_sets(int64_t k, const Get& get) {
+  Mom out;
+  double sm = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    const Mom m = get(i);
+    out.n += m.n;
+    sm += m.n * m.mean;
+  }
+  out.mean = sm / out.n;
+  for (int64_t i = 0; i < k; ++i) {
+    const Mom m = get(i);
+    const double d = m.mean - out.mean;
+    out.m2 += m.m2 + m.n * d * d;
+  }
+  return out;
+}
+
 // (count, mean, M2) from the sums s = sum(x - p), q = sum((x - p)^2) about a pivot p: exact
 // arithmetic in double; its rounding is eps * (q + s^2 / n), small next to M2 = q - s^2 / n while the
 // pivot is within a standard deviation of the mean (ok).
@@ -286,6 +307,16 @@ template <typename T, class Pieces> Mom chunk_moments(const Pieces& pieces) {
   }
 }
 
+// Row loops over the channels-inner layout read row after row (sequential memory), each row as
+// vectors of channels, the last one zero-padded; per-channel accumulators live in a small array.
+template <typename T, class F> inline void for_row_vectors(const T* x, int64_t C, const F& f) {
+  using IOT = IO<T>;
+  constexpr int64_t K = IOT::K;
+  int64_t j = 0, v = 0;
+  for (; j + K <= C; j += K, ++v) f(v, IOT::load(x + j));
+  if (j < C) f(v, IOT::load(x + j, C - j));
+}
+
 // Per-column moments of `rows` rows of C contiguous channels (mean and M2 in double, count rows):
 // as chunk_moments, per column, the pivot the mean of the first rows.
 template <typename T> void column_moments(const T* x, int64_t rows, int64_t C, double* mean, double* m2) {
@@ -294,44 +325,36 @@ template <typename T> void column_moments(const T* x, int64_t rows, int64_t C, d
   using A = typename IOT::A;
   constexpr int64_t K = IOT::K;
   constexpr int64_t kPivotRows = 8;
-  for (int64_t j = 0; j < C; j += K) {
-    const int64_t m = std::min(K, C - j);
-    auto ld = [&](int64_t r) { return m == K ? IOT::load(x + r * C + j) : IOT::load(x + r * C + j, m); };
-    const int64_t pr = std::min(rows, kPivotRows);
-    V vp(0);
-    for (int64_t r = 0; r < pr; ++r) vp += ld(r);
-    vp = vp / V(A(pr));
-    for (int pass = 0;; ++pass) {
-      V d0(0), d1(0), q0(0), q1(0);
-      int64_t r = 0;
-      for (; r + 1 < rows; r += 2) {
-        V a = ld(r) - vp, b = ld(r + 1) - vp;
-        d0 += a;
-        d1 += b;
-        q0 = at::vec::fmadd(a, a, q0);
-        q1 = at::vec::fmadd(b, b, q1);
-      }
-      if (r < rows) {
-        V a = ld(r) - vp;
-        d0 += a;
-        q0 = at::vec::fmadd(a, a, q0);
-      }
-      A piv[K], ds[K], qs[K];
-      vp.store(piv);
-      (d0 + d1).store(ds);
-      (q0 + q1).store(qs);
-      bool all_ok = true;
-      for (int64_t i = 0; i < m; ++i) {
+  const int64_t nv = cdiv(C, K), pr = std::min(rows, kPivotRows);
+  std::vector<V> piv(nv, V(0)), ds(nv), qs(nv);
+  for (int64_t r = 0; r < pr; ++r) for_row_vectors(x + r * C, C, [&](int64_t v, V xv) { piv[v] += xv; });
+  for (auto& p : piv) p = p / V(A(pr));
+  for (int pass = 0;; ++pass) {
+    std::fill(ds.begin(), ds.end(), V(0));
+    std::fill(qs.begin(), qs.end(), V(0));
+    for (int64_t r = 0; r < rows; ++r)
+      for_row_vectors(x + r * C, C, [&](int64_t v, V xv) {
+        V d = xv - piv[v];
+        ds[v] += d;
+        qs[v] = at::vec::fmadd(d, d, qs[v]);
+      });
+    bool all_ok = true;
+    for (int64_t v = 0; v < nv; ++v) {
+      A pv[K], dv[K], qv[K];
+      piv[v].store(pv);
+      ds[v].store(dv);
+      qs[v].store(qv);
+      for (int64_t i = 0; i < std::min(K, C - v * K); ++i) {
         bool ok;
-        const Mom o = from_shifted(double(rows), piv[i], ds[i], qs[i], &ok);
+        const Mom o = from_shifted(double(rows), pv[i], dv[i], qv[i], &ok);
         all_ok = all_ok && ok;
-        mean[j + i] = o.mean;
-        m2[j + i] = o.m2;
-        piv[i] = A(o.mean);
+        mean[v * K + i] = o.mean;
+        m2[v * K + i] = o.m2;
+        pv[i] = A(o.mean);
       }
-      if (all_ok || pass == 1) break;
-      vp = V::loadu(piv);
+      piv[v] = V::loadu(pv);
     }
+    if (all_ok || pass == 1) return;
   }
 }
 
@@ -411,32 +434,35 @@ void sums_rows(const T* dy, const T* x, int64_t rows, int64_t C, const BwdParams
   using V = typename IOT::V;
   using A = acc_t<T>;
   constexpr int64_t K = IOT::K;
+  const int64_t nv = cdiv(C, K);
   const V vs(slope);
-  for (int64_t j = 0; j < C; j += K) {
-    const int64_t m = std::min(K, C - j);
-    A pm[K] = {}, pr[K] = {}, pa[K] = {}, pb[K] = {};
-    for (int64_t i = 0; i < m; ++i) {
-      pm[i] = P[j + i].m;
-      pr[i] = P[j + i].r;
-      pa[i] = P[j + i].a;
-      pb[i] = P[j + i].b;
-    }
-    const V vm = V::loadu(pm), vr = V::loadu(pr), va = V::loadu(pa), vb = V::loadu(pb);
-    V sd(0), sx(0);
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t o = r * C + j;
-      V g = m == K ? IOT::load(dy + o) : IOT::load(dy + o, m);
-      V xm = (m == K ? IOT::load(x + o) : IOT::load(x + o, m)) - vm;
-      V dz = ACT == kNone ? g : act_grad_vec<ACT>(g, at::vec::fmadd(xm, va, vb), vs);
-      sd += dz;
-      sx = at::vec::fmadd(dz, xm * vr, sx);
-    }
+  std::vector<A> prm(4 * nv * K, A(0));  // m, r, a, b per channel as vectors; padding lanes 0
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t v = c / K, i = c % K;
+    prm[(4 * v) * K + i] = P[c].m;
+    prm[(4 * v + 1) * K + i] = P[c].r;
+    prm[(4 * v + 2) * K + i] = P[c].a;
+    prm[(4 * v + 3) * K + i] = P[c].b;
+  }
+  std::vector<V> sd(nv, V(0)), sx(nv, V(0));
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* g = dy + r * C;
+    for_row_vectors(x + r * C, C, [&](int64_t v, V xv) {
+      const A* q = &prm[4 * v * K];
+      const V gv = v * K + K <= C ? IOT::load(g + v * K) : IOT::load(g + v * K, C - v * K);
+      const V xm = xv - V::loadu(q);
+      const V dz = ACT == kNone ? gv : act_grad_vec<ACT>(gv, at::vec::fmadd(xm, V::loadu(q + 2 * K), V::loadu(q + 3 * K)), vs);
+      sd[v] += dz;
+      sx[v] = at::vec::fmadd(dz, xm * V::loadu(q + K), sx[v]);
+    });
+  }
+  for (int64_t v = 0; v < nv; ++v) {
     A a[K], b[K];
-    sd.store(a);
-    sx.store(b);
-    for (int64_t i = 0; i < m; ++i) {  // padding lanes never leave the vectors
-      sdz[j + i] = a[i];
-      sdzx[j + i] = b[i];
+    sd[v].store(a);
+    sx[v].store(b);
+    for (int64_t i = 0; i < std::min(K, C - v * K); ++i) {  // padding lanes never leave the vectors
+      sdz[v * K + i] = a[i];
+      sdzx[v * K + i] = b[i];
     }
   }
 }
@@ -508,10 +534,8 @@ void dx_rows(const T* dy, const T* x, T* dx, int64_t rows, int64_t C, const Para
 }
 
 // Rows per chunk of the channels-inner reductions: long enough that the per-chunk combine is cheap,
-// short enough that a column's two passes stay in L1.
+// short enough that a second pass (a bad pivot) finds the chunk in L2.
 inline int64_t rows_per_chunk(int64_t C) { return std::clamp<int64_t>(16384 / std::max<int64_t>(C, 1), 32, 256); }
-
-inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // phase1(u, k) for every chunk k (of about chunk_elems elements) of every unit u, then finish(u), then
 // phase2(u, k). With units to spare for every thread, one task runs a whole unit (its data stays in

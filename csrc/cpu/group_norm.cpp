@@ -41,8 +41,7 @@ void fwd_kernel(const at::Tensor& x, const Shape& sh, int64_t G, double eps, int
 
   // The group's statistics from its chunks' moments in order, and the per-channel parameters.
   auto finish_group = [&](int64_t ng, const Mom* part, int64_t nk) {
-    Mom m;
-    for (int64_t k = 0; k < nk; ++k) m.combine(part[k]);
+    const Mom m = combine_sets(nk, [&](int64_t k) { return part[k]; });
     mean[ng] = A(m.mean);
     rstd[ng] = A(1.0 / std::sqrt(m.var() + eps));
     const int64_t n = ng / G, c0 = (ng % G) * D;
@@ -83,11 +82,9 @@ void fwd_kernel(const at::Tensor& x, const Shape& sh, int64_t G, double eps, int
         const int64_t rows = std::min(RB, S - k * RB);
         std::vector<double> cm(C), cm2(C);
         column_moments(X + (n * S + k * RB) * C, rows, C, cm.data(), cm2.data());
-        for (int64_t g = 0; g < G; ++g) {
-          Mom m;
-          for (int64_t c = g * D; c < (g + 1) * D; ++c) m.combine(Mom{double(rows), cm[c], cm2[c]});
-          part[(n * nk + k) * G + g] = m;
-        }
+        for (int64_t g = 0; g < G; ++g)
+          part[(n * nk + k) * G + g] =
+              combine_sets(D, [&](int64_t i) { return Mom{double(rows), cm[g * D + i], cm2[g * D + i]}; });
       },
       [&](int64_t n) {
         std::vector<Mom> gp(nk);
