@@ -400,10 +400,11 @@ template <typename A> struct BwdParams {
   A m, r, a, b, p, q, u, k;
 };
 
-// (sum dz, sum dz * xhat) over a run, dz = dy * act'(z).
+// (sum dz, sum dz * xhat) over a run, dz = dy * act'(z); dz also written to dz_out where given (a cache
+// that the dx pass reads instead of recomputing the activation's gradient).
 template <int ACT, typename T>
 std::pair<double, double> sums_run(const T* dy, const T* x, int64_t len, const BwdParams<acc_t<T>>& P,
-                                   acc_t<T> slope) {
+                                   acc_t<T> slope, acc_t<T>* dz_out = nullptr) {
   using IOT = IO<T>;
   using V = typename IOT::V;
   constexpr int64_t K = IOT::K;
@@ -414,6 +415,7 @@ std::pair<double, double> sums_run(const T* dy, const T* x, int64_t len, const B
     V xm = xv - vm;
     V dz = ACT == kNone ? g : act_grad_vec<ACT>(g, at::vec::fmadd(xm, va, vb), vs);
     V xh = xm * vr;
+    if (dz_out) dz.store(dz_out + i, m);
     if (m < K) {
       dz = V::set(V(0), dz, m);
       xh = V::set(V(0), xh, m);
@@ -426,10 +428,11 @@ std::pair<double, double> sums_run(const T* dy, const T* x, int64_t len, const B
   return {hsum(sd), hsum(sx)};
 }
 
-// The same per channel over rows of C channels: sdz[c], sdzx[c] (overwritten), parameters per channel.
+// The same per channel over rows of C channels: sdz[c], sdzx[c] (overwritten), parameters per channel;
+// dz_out (rows x C) as above.
 template <int ACT, typename T>
 void sums_rows(const T* dy, const T* x, int64_t rows, int64_t C, const BwdParams<acc_t<T>>* P, acc_t<T> slope,
-               double* sdz, double* sdzx) {
+               double* sdz, double* sdzx, acc_t<T>* dz_out = nullptr) {
   using IOT = IO<T>;
   using V = typename IOT::V;
   using A = acc_t<T>;
@@ -452,6 +455,7 @@ void sums_rows(const T* dy, const T* x, int64_t rows, int64_t C, const BwdParams
       const V gv = v * K + K <= C ? IOT::load(g + v * K) : IOT::load(g + v * K, C - v * K);
       const V xm = xv - V::loadu(q);
       const V dz = ACT == kNone ? gv : act_grad_vec<ACT>(gv, at::vec::fmadd(xm, V::loadu(q + 2 * K), V::loadu(q + 3 * K)), vs);
+      if (dz_out) dz.store(dz_out + r * C + v * K, std::min(K, C - v * K));
       sd[v] += dz;
       sx[v] = at::vec::fmadd(dz, xm * V::loadu(q + K), sx[v]);
     });
@@ -467,29 +471,38 @@ void sums_rows(const T* dy, const T* x, int64_t rows, int64_t C, const BwdParams
   }
 }
 
+// dz: from dy (dz = dy * act'(z)), or read from the cache sums_run / sums_rows wrote (dz_in).
 // STATS: the statistics depend on x (training); else dx = dz * p * k, and an infinite x gives a finite
 // dx, as torch's eval backward.
 template <int ACT, bool STATS, typename V>
-inline V dx_vec(V g, V xv, V vm, V va, V vb, V vp, V vq, V vu, V vk, V vs) {
+inline V dx_vec(V g, const V* dz_in, V xv, V vm, V va, V vb, V vp, V vq, V vu, V vk, V vs) {
   V xm = xv - vm;
-  V dz = ACT == kNone ? g : act_grad_vec<ACT>(g, at::vec::fmadd(xm, va, vb), vs);
+  V dz = dz_in ? *dz_in : ACT == kNone ? g : act_grad_vec<ACT>(g, at::vec::fmadd(xm, va, vb), vs);
   if constexpr (STATS) return at::vec::fnmadd(xm, vu, dz * vp - vq) * vk;
   else return dz * vp * vk;
 }
 
 // dx over a run with one channel's parameters.
 template <int ACT, bool STATS, typename T>
-void dx_run(const T* dy, const T* x, T* dx, int64_t len, const BwdParams<acc_t<T>>& P, acc_t<T> slope) {
+void dx_run(const T* dy, const T* x, T* dx, int64_t len, const BwdParams<acc_t<T>>& P, acc_t<T> slope,
+            const acc_t<T>* dz_in = nullptr) {
   using IOT = IO<T>;
   using V = typename IOT::V;
   constexpr int64_t K = IOT::K;
   const V vm(P.m), va(P.a), vb(P.b), vp(P.p), vq(P.q), vu(P.u), vk(P.k), vs(slope);
+  auto step = [&](int64_t i, int64_t m) {
+    const V g = dz_in ? V(0) : IOT::load(dy + i, m);
+    const V dz = dz_in ? V::loadu(dz_in + i, m) : V(0);
+    IOT::store(dx + i, dx_vec<ACT, STATS>(g, dz_in ? &dz : nullptr, IOT::load(x + i, m), vm, va, vb, vp, vq, vu, vk, vs),
+               m);
+  };
   int64_t i = 0;
-  for (; i + K <= len; i += K)
-    IOT::store(dx + i, dx_vec<ACT, STATS>(IOT::load(dy + i), IOT::load(x + i), vm, va, vb, vp, vq, vu, vk, vs));
-  if (i < len)
-    IOT::store(dx + i, dx_vec<ACT, STATS>(IOT::load(dy + i, len - i), IOT::load(x + i, len - i), vm, va, vb, vp, vq, vu, vk, vs),
-               len - i);
+  for (; i + K <= len; i += K) {
+    const V g = dz_in ? V(0) : IOT::load(dy + i);
+    const V dz = dz_in ? V::loadu(dz_in + i) : V(0);
+    IOT::store(dx + i, dx_vec<ACT, STATS>(g, dz_in ? &dz : nullptr, IOT::load(x + i), vm, va, vb, vp, vq, vu, vk, vs));
+  }
+  if (i < len) step(i, len - i);
 }
 
 // Per-channel parameters as separate arrays, for the row loops.
@@ -507,10 +520,10 @@ template <typename A> struct ParamRows {
   }
 };
 
-// dx over rows of C channels, parameters per channel from offset o of the arrays.
+// dx over rows of C channels, parameters per channel from offset o of the arrays; dz_in (rows x C).
 template <int ACT, bool STATS, typename T>
 void dx_rows(const T* dy, const T* x, T* dx, int64_t rows, int64_t C, const ParamRows<acc_t<T>>& P, int64_t o,
-             acc_t<T> slope) {
+             acc_t<T> slope, const acc_t<T>* dz_in = nullptr) {
   using IOT = IO<T>;
   using V = typename IOT::V;
   constexpr int64_t K = IOT::K;
@@ -518,16 +531,22 @@ void dx_rows(const T* dy, const T* x, T* dx, int64_t rows, int64_t C, const Para
   const auto *pm = P.m.data() + o, *pa = P.a.data() + o, *pb = P.b.data() + o, *pp = P.p.data() + o,
              *pq = P.q.data() + o, *pu = P.u.data() + o, *pk = P.k.data() + o;
   for (int64_t r = 0; r < rows; ++r, dy += C, x += C, dx += C) {
+    const acc_t<T>* dzr = dz_in ? dz_in + r * C : nullptr;
     int64_t j = 0;
-    for (; j + K <= C; j += K)
-      IOT::store(dx + j, dx_vec<ACT, STATS>(IOT::load(dy + j), IOT::load(x + j), V::loadu(pm + j), V::loadu(pa + j),
-                                     V::loadu(pb + j), V::loadu(pp + j), V::loadu(pq + j), V::loadu(pu + j),
-                                     V::loadu(pk + j), vs));
+    for (; j + K <= C; j += K) {
+      const V g = dzr ? V(0) : IOT::load(dy + j);
+      const V dz = dzr ? V::loadu(dzr + j) : V(0);
+      IOT::store(dx + j, dx_vec<ACT, STATS>(g, dzr ? &dz : nullptr, IOT::load(x + j), V::loadu(pm + j),
+                                            V::loadu(pa + j), V::loadu(pb + j), V::loadu(pp + j), V::loadu(pq + j),
+                                            V::loadu(pu + j), V::loadu(pk + j), vs));
+    }
     if (j < C) {
       const int64_t m = C - j;
-      IOT::store(dx + j, dx_vec<ACT, STATS>(IOT::load(dy + j, m), IOT::load(x + j, m), V::loadu(pm + j, m),
-                                     V::loadu(pa + j, m), V::loadu(pb + j, m), V::loadu(pp + j, m),
-                                     V::loadu(pq + j, m), V::loadu(pu + j, m), V::loadu(pk + j, m), vs),
+      const V g = dzr ? V(0) : IOT::load(dy + j, m);
+      const V dz = dzr ? V::loadu(dzr + j, m) : V(0);
+      IOT::store(dx + j, dx_vec<ACT, STATS>(g, dzr ? &dz : nullptr, IOT::load(x + j, m), V::loadu(pm + j, m),
+                                            V::loadu(pa + j, m), V::loadu(pb + j, m), V::loadu(pp + j, m),
+                                            V::loadu(pq + j, m), V::loadu(pu + j, m), V::loadu(pk + j, m), vs),
                  m);
     }
   }
@@ -537,29 +556,30 @@ void dx_rows(const T* dy, const T* x, T* dx, int64_t rows, int64_t C, const Para
 // short enough that a second pass (a bad pivot) finds the chunk in L2.
 inline int64_t rows_per_chunk(int64_t C) { return std::clamp<int64_t>(16384 / std::max<int64_t>(C, 1), 32, 256); }
 
-// phase1(u, k) for every chunk k (of about chunk_elems elements) of every unit u, then finish(u), then
-// phase2(u, k). With units to spare for every thread, one task runs a whole unit (its data stays in
-// cache between the phases); else each phase runs over all chunks in parallel. Same arithmetic either way.
+// phase1(u, k, cached) for every chunk k (of about chunk_elems elements) of every unit u, then finish(u),
+// then phase2(u, k, cached). With units to spare for every thread, one task runs a whole unit (its data
+// stays in cache between the phases, and cached is true: a buffer the thread filled in phase 1 is there
+// in phase 2); else each phase runs over all chunks in parallel. Same arithmetic either way.
 template <class P1, class Fin, class P2>
 void by_units(int64_t units, int64_t chunks, int64_t chunk_elems, const P1& phase1, const Fin& finish,
               const P2& phase2) {
   if (units >= 4 * at::get_num_threads()) {
     at::parallel_for(0, units, grain_for(chunks * chunk_elems), [&](int64_t b, int64_t e) {
       for (int64_t u = b; u < e; ++u) {
-        for (int64_t k = 0; k < chunks; ++k) phase1(u, k);
+        for (int64_t k = 0; k < chunks; ++k) phase1(u, k, true);
         finish(u);
-        for (int64_t k = 0; k < chunks; ++k) phase2(u, k);
+        for (int64_t k = 0; k < chunks; ++k) phase2(u, k, true);
       }
     });
     return;
   }
   const int64_t grain = grain_for(chunk_elems);
   at::parallel_for(0, units * chunks, grain, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) phase1(i / chunks, i % chunks);
+    for (int64_t i = b; i < e; ++i) phase1(i / chunks, i % chunks, false);
   });
   for (int64_t u = 0; u < units; ++u) finish(u);
   at::parallel_for(0, units * chunks, grain, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) phase2(i / chunks, i % chunks);
+    for (int64_t i = b; i < e; ++i) phase2(i / chunks, i % chunks, false);
   });
 }
 

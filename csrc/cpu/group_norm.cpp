@@ -8,7 +8,7 @@
 // - channels-inner: a sample (S rows of C) is the unit; chunks are blocks of rows, reduced per channel
 //   and then per group.
 // With enough units each thread takes whole units, so a group is read from memory once and its second
-// pass hits the cache (by_units).
+// pass hits the cache (by_units); backward then also keeps the unit's dz for the dx pass.
 // Backward: dz = dy * act'(z), z = w * xhat + b recomputed from x; per (sample, channel) sum(dz) and
 // sum(dz * xhat) give dbias, dweight (summed over samples in order) and the group means of
 // gw = w * dz and gw * xhat, then dx = rstd * (gw - mean(gw) - xhat * mean(gw * xhat)).
@@ -25,6 +25,15 @@ namespace {
 
 constexpr const char* kFwd = "group_norm_fwd";
 constexpr const char* kBwd = "group_norm_bwd";
+constexpr int64_t kMaxCached = 1 << 18;  // elements of a unit whose dz a thread keeps between the passes
+
+// The calling thread's buffer for the dz of the unit it works on (by_units' cached path): the dx pass
+// reads it instead of computing the activation's gradient (an exp for SiLU) a second time.
+template <typename A> A* dz_cache(int64_t n) {
+  static thread_local std::vector<A> buf;
+  if (int64_t(buf.size()) < n) buf.resize(n);
+  return buf.data();
+}
 
 template <typename T>
 void fwd_kernel(const at::Tensor& x, const Shape& sh, int64_t G, double eps, int act, double slope_d,
@@ -56,13 +65,13 @@ void fwd_kernel(const at::Tensor& x, const Shape& sh, int64_t G, double eps, int
     std::vector<Mom> part(N * G * nk);
     by_units(
         N * G, nk, std::min(kChunk, L),
-        [&](int64_t u, int64_t k) {
+        [&](int64_t u, int64_t k, bool) {
           const T* p = X + u * L + k * kChunk;
           const int64_t len = std::min(kChunk, L - k * kChunk);
           part[u * nk + k] = chunk_moments<T>([&](const auto& f) { f(p, len); });
         },
         [&](int64_t u) { finish_group(u, &part[u * nk], nk); },
-        [&](int64_t u, int64_t k) {
+        [&](int64_t u, int64_t k, bool) {
           const int64_t a = u * L + k * kChunk, b = std::min(a + kChunk, (u + 1) * L);
           with_act(act, [&](auto A_) {
             for_runs(a, b, S, [&](int64_t run, int64_t s0, int64_t len) {
@@ -78,7 +87,7 @@ void fwd_kernel(const at::Tensor& x, const Shape& sh, int64_t G, double eps, int
   std::vector<Mom> part(N * nk * G);  // per (sample, chunk, group)
   by_units(
       N, nk, std::min(RB, S) * C,
-      [&](int64_t n, int64_t k) {
+      [&](int64_t n, int64_t k, bool) {
         const int64_t rows = std::min(RB, S - k * RB);
         std::vector<double> cm(C), cm2(C);
         column_moments(X + (n * S + k * RB) * C, rows, C, cm.data(), cm2.data());
@@ -93,7 +102,7 @@ void fwd_kernel(const at::Tensor& x, const Shape& sh, int64_t G, double eps, int
           finish_group(n * G + g, gp.data(), nk);
         }
       },
-      [&](int64_t n, int64_t k) {
+      [&](int64_t n, int64_t k, bool) {
         const int64_t r0 = n * S + k * RB, rows = std::min(RB, S - k * RB);
         with_act(act, [&](auto A_) {
           apply_rows<decltype(A_)::value>(X + r0 * C, Y + r0 * C, rows, C, &pm[n * C], &pa[n * C], bias.data(),
@@ -171,6 +180,7 @@ void bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const Shape& sh, int6
 
   if (!sh.cl) {
     const int64_t ns = cdiv(S, kChunk), nk = D * ns;  // chunks per group: pieces of each channel's run
+    const bool cache = act != kNone && D * S <= kMaxCached;
     std::vector<std::pair<double, double>> part(N * C * ns);
     std::vector<BwdParams<A>> params(N * C);
     auto piece = [&](int64_t u, int64_t k, int64_t& run, int64_t& s0, int64_t& len) {
@@ -178,15 +188,18 @@ void bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const Shape& sh, int6
       s0 = (k % ns) * kChunk;
       len = std::min(kChunk, S - s0);
     };
+    auto cached_dz = [&](int64_t k, int64_t s0, bool cached) {  // this piece's place in the unit's dz
+      return cached && cache ? dz_cache<A>(D * S) + (k / ns) * S + s0 : nullptr;
+    };
     by_units(
         N * G, nk, std::min(kChunk, S),
-        [&](int64_t u, int64_t k) {
+        [&](int64_t u, int64_t k, bool cached) {
           int64_t run, s0, len;
           piece(u, k, run, s0, len);
           const BwdParams<A> P = forward_params(run / C, run % C);
           with_act(act, [&](auto A_) {
-            part[run * ns + k % ns] =
-                sums_run<decltype(A_)::value>(DY + run * S + s0, X + run * S + s0, len, P, slope);
+            part[run * ns + k % ns] = sums_run<decltype(A_)::value>(DY + run * S + s0, X + run * S + s0, len, P,
+                                                                    slope, cached_dz(k, s0, cached));
           });
         },
         [&](int64_t u) {
@@ -202,12 +215,12 @@ void bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const Shape& sh, int6
           }
           dx_params(u, [&](int64_t c, const BwdParams<A>& P) { params[n * C + c] = P; });
         },
-        [&](int64_t u, int64_t k) {
+        [&](int64_t u, int64_t k, bool cached) {
           int64_t run, s0, len;
           piece(u, k, run, s0, len);
           with_act(act, [&](auto A_) {
-            dx_run<decltype(A_)::value, true>(DY + run * S + s0, X + run * S + s0, DX + run * S + s0, len, params[run],
-                                        slope);
+            dx_run<decltype(A_)::value, true>(DY + run * S + s0, X + run * S + s0, DX + run * S + s0, len,
+                                              params[run], slope, cached_dz(k, s0, cached));
           });
         });
   } else {
@@ -217,13 +230,16 @@ void bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const Shape& sh, int6
     for (int64_t n = 0; n < N; ++n)
       for (int64_t c = 0; c < C; ++c) fparams[n * C + c] = forward_params(n, c);
     ParamRows<A> params(N * C);
+    const bool cache = act != kNone && S * C <= kMaxCached;
+    auto cached_dz = [&](int64_t k, bool cached) { return cached && cache ? dz_cache<A>(S * C) + k * RB * C : nullptr; };
     by_units(
         N, nk, std::min(RB, S) * C,
-        [&](int64_t n, int64_t k) {
+        [&](int64_t n, int64_t k, bool cached) {
           const int64_t r0 = n * S + k * RB, rows = std::min(RB, S - k * RB);
           double* out = &part[(n * nk + k) * 2 * C];
           with_act(act, [&](auto A_) {
-            sums_rows<decltype(A_)::value>(DY + r0 * C, X + r0 * C, rows, C, &fparams[n * C], slope, out, out + C);
+            sums_rows<decltype(A_)::value>(DY + r0 * C, X + r0 * C, rows, C, &fparams[n * C], slope, out, out + C,
+                                           cached_dz(k, cached));
           });
         },
         [&](int64_t n) {
@@ -239,10 +255,11 @@ void bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const Shape& sh, int6
           for (int64_t g = 0; g < G; ++g)
             dx_params(n * G + g, [&](int64_t c, const BwdParams<A>& P) { params.set(n * C + c, P); });
         },
-        [&](int64_t n, int64_t k) {
+        [&](int64_t n, int64_t k, bool cached) {
           const int64_t r0 = n * S + k * RB, rows = std::min(RB, S - k * RB);
           with_act(act, [&](auto A_) {
-            dx_rows<decltype(A_)::value, true>(DY + r0 * C, X + r0 * C, DX + r0 * C, rows, C, params, n * C, slope);
+            dx_rows<decltype(A_)::value, true>(DY + r0 * C, X + r0 * C, DX + r0 * C, rows, C, params, n * C, slope,
+                                               cached_dz(k, cached));
           });
         });
   }
