@@ -54,11 +54,9 @@ def _triton_unavailable(device_type: str) -> str | None:
 
 def _extension_unavailable(kind: str) -> Callable[[str], str | None]:
     def why(device_type: str) -> str | None:
-        if kind == "cuda":
-            return "the C++/CUDA kernels are not built yet"
         from . import extension
 
-        return extension.load()
+        return extension.load_cuda() if kind == "cuda" else extension.load()
     return why
 
 

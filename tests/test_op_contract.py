@@ -45,6 +45,12 @@ def _attn(L=5, S=7, empty=False):
     return q, k, v, o, lse
 
 
+def _window(norms, W):
+    """An adaptive clipper's state (steps, seen, mean, var, window of W) after ``norms``."""
+    n = len(norms)
+    return torch.tensor([n, n, 0.0, 0.0] + norms + [float("nan")] * (W - n), dtype=torch.float64)
+
+
 # op -> {case name: () -> args}; the torch backend computes what the cases need beforehand.
 CASES = {
     "layer_norm_fwd": {
@@ -115,6 +121,22 @@ CASES = {
         "inf": lambda: ([_r(100), _r(3, 4)], float("inf")),
         "p3": lambda: ([_r(100), _r(1)], 3.0),
     },
+    "grad_stats": {
+        "mixed": lambda: ([_r(100), _r(3, 4), _r(0), _r(6, 8)[:, ::2]],),
+        "inf": lambda: ([torch.tensor([1.0, -float("inf"), 2.0]), torch.tensor([float("inf"), 0.0])],),  # NaN: opcheck compares without equal_nan
+    },
+    "grad_clip_finish": {
+        "fixed": lambda: (torch.rand(3, 4), torch.zeros(4, dtype=torch.float64), None, 0.5, "fixed", 0, 2.5, 0.9,
+                          1e-6, 0.9, True, float("inf"), torch.zeros(2, 3, 4), torch.zeros(2, 5, dtype=torch.float64)),
+        "zclip": lambda: (torch.rand(3, 4) * 4, torch.tensor([9.0, 9, 1.0, 0.04], dtype=torch.float64), None,
+                          float("inf"), "zclip", 5, 2.5, 0.9, 1e-6, 0.9, True, float("inf"), torch.zeros(2, 3, 4),
+                          torch.zeros(2, 5, dtype=torch.float64)),
+        "quantile": lambda: (torch.rand(1, 4), _window([0.5, 2.0, 1.0, 0.7, 1.5], 7), torch.tensor(1.2), 0.0,
+                             "quantile", 3, 2.5, 0.9, 1e-6, 0.8, True, 50.0, torch.zeros(0, 3, 4),
+                             torch.zeros(3, 5, dtype=torch.float64)),
+        "empty": lambda: (torch.zeros(3, 0), torch.zeros(4, dtype=torch.float64), None, 1.0, "fixed", 0, 2.5, 0.9,
+                          1e-6, 0.9, True, float("inf"), torch.zeros(1, 3, 0), torch.zeros(1, 5, dtype=torch.float64)),
+    },
     "multi_tensor_scale_": {
         "scale": lambda: ([_r(100), _r(3, 4), _r(0)], torch.tensor(0.5), False),
         "zero": lambda: ([_r(10), _r(3, 4)], torch.tensor(0.0), True),
@@ -132,8 +154,8 @@ def _args(op, name, seed=0):
 def _clone(a):
     if isinstance(a, torch.Tensor):
         return a.clone()
-    if isinstance(a, list):
-        return [_clone(t) for t in a]
+    if isinstance(a, (list, tuple)):  # the argument tuple too: ops that mutate get fresh inputs each run
+        return type(a)(_clone(t) for t in a)
     return a
 
 
@@ -183,7 +205,7 @@ def test_deterministic_run_to_run(op_backend, op, name):
     args = _args(op, name)
     first, second = _outputs(op, _clone(args)), _outputs(op, _clone(args))
     for a, b in zip(first, second):
-        assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)), op
+        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), op  # 0-d too
 
 
 @pytest.mark.parametrize("op,name", _CASES, ids=_IDS)

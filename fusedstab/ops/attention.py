@@ -133,6 +133,11 @@ backend.register("attention_fwd", "torch", _fwd_torch)
 backend.register("attention_bwd", "torch", _bwd_torch)
 
 
+# ----------------------------------------------------------------------------- cpu backend (csrc/cpu/attention.cpp)
+backend.register("attention_fwd", "cpu", backend.cpp("attention_fwd"))
+backend.register("attention_bwd", "cpu", backend.cpp("attention_bwd"))
+
+
 # ----------------------------------------------------------------------------- triton backend
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

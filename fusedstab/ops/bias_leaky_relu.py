@@ -131,8 +131,8 @@ backend.register("bias_leaky_relu_bwd", "torch", _bwd_torch)
 
 
 # ----------------------------------------------------------------------------- triton backend
-def _triton_ok(*args) -> str | None:
-    return unsupported(args, FLOATS + (torch.uint8,), "the triton kernels")
+def _triton_ok(*args) -> str | None:  # and the cuda kernels'
+    return unsupported(args, FLOATS + (torch.uint8,), "the triton and cuda kernels")
 
 
 def _fwd_triton(outs, x, bias, slope, per_row):
@@ -153,3 +153,8 @@ def _bwd_triton(outs, dy, saved, slope, per_row, C):
 
 backend.register("bias_leaky_relu_fwd", "triton", _fwd_triton, _triton_ok)
 backend.register("bias_leaky_relu_bwd", "triton", _bwd_triton, _triton_ok)
+
+
+# ----------------------------------------------------------------------------- cuda backend
+backend.register("bias_leaky_relu_fwd", "cuda", backend.cpp("bias_leaky_relu_fwd"), _triton_ok)
+backend.register("bias_leaky_relu_bwd", "cuda", backend.cpp("bias_leaky_relu_bwd"), _triton_ok)

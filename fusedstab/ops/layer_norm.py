@@ -149,3 +149,32 @@ def _bwd_triton(outs, dy, h, weight, bias, mean, rstd, dh, rms):
 
 backend.register("layer_norm_fwd", "triton", _fwd_triton, _triton_ok)
 backend.register("layer_norm_bwd", "triton", _bwd_triton, _triton_ok)
+
+
+# ----------------------------------------------------------------------------- cuda backend
+_REDUCED = (torch.float16, torch.bfloat16)
+
+
+def _cuda_dtypes_ok(x_dtype, h_dtype, params) -> str | None:
+    """The dtypes the CUDA kernels take: h (x + residual) of x's dtype or fp32 for fp16/bf16 x, the
+    parameters of x's dtype or fp32 for fp16/bf16 x (csrc/cuda/layer_norm.h)."""
+    wide = {x_dtype} | ({torch.float32} if x_dtype in _REDUCED else set())
+    if h_dtype not in wide:
+        return f"the cuda kernels take no {x_dtype} input with a {h_dtype} residual sum"
+    if any(p is not None and p.dtype not in wide for p in params):
+        return f"the cuda kernels take {x_dtype} input with parameters of its dtype or float32"
+    return None
+
+
+def _cuda_fwd_ok(x, weight, bias, residual, eps, rms) -> str | None:
+    return unsupported((x, weight, bias, residual), what="the cuda kernels") or _cuda_dtypes_ok(
+        x.dtype, _h_dtype(x, residual), (weight, bias))
+
+
+def _cuda_bwd_ok(dy, h, weight, bias, mean, rstd, dh, rms) -> str | None:
+    return unsupported((dy, h, weight, bias, dh), what="the cuda kernels") or _cuda_dtypes_ok(
+        dy.dtype, h.dtype, (weight, bias))
+
+
+backend.register("layer_norm_fwd", "cuda", backend.cpp("layer_norm_fwd"), _cuda_fwd_ok)
+backend.register("layer_norm_bwd", "cuda", backend.cpp("layer_norm_bwd"), _cuda_bwd_ok)

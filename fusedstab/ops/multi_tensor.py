@@ -103,3 +103,8 @@ def _scale_triton(outs, tensors, coef, zero_nonfinite):
 
 backend.register("multi_tensor_norm", "triton", _norm_triton)
 backend.register("multi_tensor_scale_", "triton", _scale_triton)
+
+
+# ----------------------------------------------------------------------------- cuda backend
+backend.register("multi_tensor_norm", "cuda", backend.cpp("multi_tensor_norm"))
+backend.register("multi_tensor_scale_", "cuda", backend.cpp("multi_tensor_scale_"))
