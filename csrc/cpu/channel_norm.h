@@ -317,6 +317,15 @@ template <typename T, class F> inline void for_row_vectors(const T* x, int64_t C
   if (j < C) f(v, IOT::load(x + j, C - j));
 }
 
+// Two rows at once (x and x + C): half the accumulator traffic.
+template <typename T, class F> inline void for_row_pair_vectors(const T* x, int64_t C, const F& f) {
+  using IOT = IO<T>;
+  constexpr int64_t K = IOT::K;
+  int64_t j = 0, v = 0;
+  for (; j + K <= C; j += K, ++v) f(v, IOT::load(x + j), IOT::load(x + C + j));
+  if (j < C) f(v, IOT::load(x + j, C - j), IOT::load(x + C + j, C - j));
+}
+
 // Per-column moments of `rows` rows of C contiguous channels (mean and M2 in double, count rows):
 // as chunk_moments, per column, the pivot the mean of the first rows.
 template <typename T> void column_moments(const T* x, int64_t rows, int64_t C, double* mean, double* m2) {
@@ -332,9 +341,16 @@ template <typename T> void column_moments(const T* x, int64_t rows, int64_t C, d
   for (int pass = 0;; ++pass) {
     std::fill(ds.begin(), ds.end(), V(0));
     std::fill(qs.begin(), qs.end(), V(0));
-    for (int64_t r = 0; r < rows; ++r)
+    int64_t r = 0;
+    for (; r + 1 < rows; r += 2)
+      for_row_pair_vectors(x + r * C, C, [&](int64_t v, V x0, V x1) {
+        const V d0 = x0 - piv[v], d1 = x1 - piv[v];
+        ds[v] += d0 + d1;
+        qs[v] = at::vec::fmadd(d1, d1, at::vec::fmadd(d0, d0, qs[v]));
+      });
+    if (r < rows)
       for_row_vectors(x + r * C, C, [&](int64_t v, V xv) {
-        V d = xv - piv[v];
+        const V d = xv - piv[v];
         ds[v] += d;
         qs[v] = at::vec::fmadd(d, d, qs[v]);
       });
