@@ -7,8 +7,8 @@
 //   at most kChunk elements of each run.
 // - channels-inner: a sample (S rows of C) is the unit; chunks are blocks of rows, reduced per channel
 //   and then per group.
-// With enough units each thread takes whole units, so a group is read from memory once and its second
-// pass hits the cache (by_units); backward then also keeps the unit's dz for the dx pass.
+// With enough units that fit in L2, each thread takes whole units, so a unit is read from memory once
+// and its second pass hits the cache (by_units); backward then also keeps the unit's dz for the dx pass.
 // Backward: dz = dy * act'(z), z = w * xhat + b recomputed from x; per (sample, channel) sum(dz) and
 // sum(dz * xhat) give dbias, dweight (summed over samples in order) and the group means of
 // gw = w * dz and gw * xhat, then dx = rstd * (gw - mean(gw) - xhat * mean(gw * xhat)).
@@ -25,7 +25,6 @@ namespace {
 
 constexpr const char* kFwd = "group_norm_fwd";
 constexpr const char* kBwd = "group_norm_bwd";
-constexpr int64_t kMaxCached = 1 << 18;  // elements of a unit whose dz a thread keeps between the passes
 
 // The calling thread's buffer for the dz of the unit it works on (by_units' cached path): the dx pass
 // reads it instead of computing the activation's gradient (an exp for SiLU) a second time.
@@ -64,7 +63,7 @@ void fwd_kernel(const at::Tensor& x, const Shape& sh, int64_t G, double eps, int
     const int64_t L = D * S, nk = cdiv(L, kChunk);
     std::vector<Mom> part(N * G * nk);
     by_units(
-        N * G, nk, std::min(kChunk, L),
+        N * G, nk, std::min(kChunk, L), L * int64_t(sizeof(T)),
         [&](int64_t u, int64_t k, bool) {
           const T* p = X + u * L + k * kChunk;
           const int64_t len = std::min(kChunk, L - k * kChunk);
@@ -86,7 +85,7 @@ void fwd_kernel(const at::Tensor& x, const Shape& sh, int64_t G, double eps, int
   const int64_t RB = rows_per_chunk(C), nk = cdiv(S, RB);
   std::vector<Mom> part(N * nk * G);  // per (sample, chunk, group)
   by_units(
-      N, nk, std::min(RB, S) * C,
+      N, nk, std::min(RB, S) * C, S * C * int64_t(sizeof(T)),
       [&](int64_t n, int64_t k, bool) {
         const int64_t rows = std::min(RB, S - k * RB);
         std::vector<double> cm(C), cm2(C);
@@ -180,7 +179,7 @@ void bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const Shape& sh, int6
 
   if (!sh.cl) {
     const int64_t ns = cdiv(S, kChunk), nk = D * ns;  // chunks per group: pieces of each channel's run
-    const bool cache = act != kNone && D * S <= kMaxCached;
+    const bool cache = act != kNone;
     std::vector<std::pair<double, double>> part(N * C * ns);
     std::vector<BwdParams<A>> params(N * C);
     auto piece = [&](int64_t u, int64_t k, int64_t& run, int64_t& s0, int64_t& len) {
@@ -192,7 +191,7 @@ void bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const Shape& sh, int6
       return cached && cache ? dz_cache<A>(D * S) + (k / ns) * S + s0 : nullptr;
     };
     by_units(
-        N * G, nk, std::min(kChunk, S),
+        N * G, nk, std::min(kChunk, S), D * S * int64_t(2 * sizeof(T) + sizeof(A)),  // dy, x, dz
         [&](int64_t u, int64_t k, bool cached) {
           int64_t run, s0, len;
           piece(u, k, run, s0, len);
@@ -230,10 +229,10 @@ void bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const Shape& sh, int6
     for (int64_t n = 0; n < N; ++n)
       for (int64_t c = 0; c < C; ++c) fparams[n * C + c] = forward_params(n, c);
     ParamRows<A> params(N * C);
-    const bool cache = act != kNone && S * C <= kMaxCached;
+    const bool cache = act != kNone;
     auto cached_dz = [&](int64_t k, bool cached) { return cached && cache ? dz_cache<A>(S * C) + k * RB * C : nullptr; };
     by_units(
-        N, nk, std::min(RB, S) * C,
+        N, nk, std::min(RB, S) * C, S * C * int64_t(2 * sizeof(T) + sizeof(A)),
         [&](int64_t n, int64_t k, bool cached) {
           const int64_t r0 = n * S + k * RB, rows = std::min(RB, S - k * RB);
           double* out = &part[(n * nk + k) * 2 * C];
