@@ -9,8 +9,8 @@
 // are bitwise the same run to run and for any thread count.
 //
 // Precision: a chunk's moments come from sum(x - p) and sum((x - p)^2) about a pivot p near its mean
-// (exact differences at any offset, so 1e4 + noise keeps fp32 precision; a second pass where p was
-// off), and chunks combine by Chan et al.'s formula in double (combine_sets).
+// (differences of values near p are exact, so 1e4 + noise keeps fp32 precision; a second pass where p
+// was off), and chunks combine by Chan et al.'s formula in double (combine_sets).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -31,7 +31,7 @@ namespace cpu {
 using at::vec::Vectorized;
 using Mom = Moments<double>;
 
-constexpr int64_t kChunk = 2048;   // elements of a run chunk: two passes over it stay in L1
+constexpr int64_t kChunk = 2048;   // elements of a run chunk (a second pass over it finds it in L1)
 constexpr int64_t kGrain = 32768;  // elements a thread takes at least (at::internal::GRAIN_SIZE): less
                                    // work runs on the calling thread
 
@@ -249,9 +249,10 @@ template <class Get> Mom combine_sets(int64_t k, const Get& get) {
   return out;
 }
 
-// (count, mean, M2) from the sums s = sum(x - p), q = sum((x - p)^2) about a pivot p: exact
-// arithmetic in double; its rounding is eps * (q + s^2 / n), small next to M2 = q - s^2 / n while the
-// pivot is within a standard deviation of the mean (ok).
+// (count, mean, M2) from the sums s = sum(x - p), q = sum((x - p)^2) about a pivot p (accumulated in
+// A, finished in double). Their rounding is about eps * (q + s^2 / n), small next to M2 = q - s^2 / n
+// while the pivot is within a standard deviation of the mean (ok); else the caller makes a second pass
+// about the mean found.
 inline Mom from_shifted(double n, double p, double s, double q, bool* ok) {
   const double c = s * s / n, m2 = q - c;
   *ok = c <= m2 || !std::isfinite(q);  // non-finite input: NaN / inf whatever the pivot
@@ -263,8 +264,8 @@ inline Mom from_shifted(double n, double p, double s, double q, bool* ok) {
 }
 
 // Moments of the elements that pieces(g) passes to g(const T* p, int64_t len): one pass of
-// sum(x - p) and sum((x - p)^2) about a pivot p, the mean of the chunk's first elements (exact
-// differences at any offset: 1e4 + noise keeps fp32 precision). Where p is off by more than a
+// sum(x - p) and sum((x - p)^2) about a pivot p, the mean of the chunk's first elements (differences
+// of values near p are exact, so 1e4 + noise keeps fp32 precision). Where p is off by more than a
 // standard deviation (an outlier among the first elements), a second pass about the mean found.
 template <typename T, class Pieces> Mom chunk_moments(const Pieces& pieces) {
   using IOT = IO<T>;
