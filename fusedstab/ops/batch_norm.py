@@ -157,3 +157,12 @@ backend.register("batch_norm_stats", "triton", _stats_triton, _triton_ok)
 backend.register("batch_norm_elemt", "triton", _elemt_triton, _triton_ok)
 backend.register("batch_norm_bwd_reduce", "triton", _bwd_reduce_triton, _triton_ok)
 backend.register("batch_norm_bwd_elemt", "triton", _bwd_elemt_triton, _triton_ok)
+
+
+# ----------------------------------------------------------------------------- cpu backend (csrc/cpu/batch_norm.cpp)
+def _cpp_ok(*args) -> str | None:
+    return unsupported(args, what="the C++ kernels")
+
+
+for _op in ("batch_norm_stats", "batch_norm_elemt", "batch_norm_bwd_reduce", "batch_norm_bwd_elemt"):
+    backend.register(_op, "cpu", backend.cpp(_op), _cpp_ok)

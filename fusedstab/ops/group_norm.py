@@ -177,3 +177,12 @@ def _bwd_triton(outs, dy, x, weight, bias, mean, rstd, G, act, slope):
 
 backend.register("group_norm_fwd", "triton", _fwd_triton, _triton_ok)
 backend.register("group_norm_bwd", "triton", _bwd_triton, _triton_ok)
+
+
+# ----------------------------------------------------------------------------- cpu backend (csrc/cpu/group_norm.cpp)
+def _cpp_ok(*args) -> str | None:
+    return unsupported(args, what="the C++ kernels")
+
+
+backend.register("group_norm_fwd", "cpu", backend.cpp("group_norm_fwd"), _cpp_ok)
+backend.register("group_norm_bwd", "cpu", backend.cpp("group_norm_bwd"), _cpp_ok)
