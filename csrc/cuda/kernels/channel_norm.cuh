@@ -358,7 +358,7 @@ cols_moments_kernel(const T* __restrict__ x, int64_t rows, int64_t C, Plan p, bo
       __syncthreads();
       if (lane < bx) sm[0][warp][lane] = m.n, sm[1][warp][lane] = m.mean, sm[2][warp][lane] = m.m2;
       __syncthreads();
-      if (threadIdx.x < bx) {
+      if (int(threadIdx.x) < bx) {
         for (int w = 1; w < int(blockDim.x / kWarp); ++w) {
           M64 o;
           o.n = sm[0][w][lane], o.mean = sm[1][w][lane], o.m2 = sm[2][w][lane];
@@ -710,7 +710,7 @@ cols_bwd_sums_kernel(BwdArgs<T> a, int64_t nseg, int64_t rows, Plan p, acc_t<T>*
       __syncthreads();
       if (lane < bx) sm[0][warp][lane] = u, sm[1][warp][lane] = v;
       __syncthreads();
-      if (threadIdx.x < bx) {
+      if (int(threadIdx.x) < bx) {
         for (int w = 1; w < int(blockDim.x / kWarp); ++w) u += sm[0][w][lane], v += sm[1][w][lane];
         if (c0 + i < C) {
           const int64_t o = (seg * p.J + j) * C + c0 + i;
