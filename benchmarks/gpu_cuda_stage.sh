@@ -6,7 +6,8 @@
 #   3. compute-sanitizer memcheck and racecheck over benchmarks/cuda_sanitize.py (every kernel once);
 #   4. benchmarks/cuda_bench.py: cuda vs triton vs eager, fractions of the copy bandwidth.
 # Logs and results go to $OUT (if set) as each stage ends. A stage past CUDA_STAGE_BUDGET seconds
-# (default 480) is not started. Exit: 0 when every stage that ran passed.
+# (default 480) is not started; CUDA_STAGE_TESTS=0 / CUDA_STAGE_BENCH=0 leave out steps 2a / 4 (gpu_run.sh
+# runs those in its own test and benchmark stages). Exit: 0 when every stage that ran passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -37,7 +38,7 @@ print(f'cuda library: {why or \"loaded\"} in {time.time() - t:.0f}s; device {tor
 raise SystemExit(1 if why else 0)"
 if [ $rc -ne 0 ]; then echo "the CUDA library did not build: nothing else to run"; exit 1; fi
 
-stage cuda-tests python -m pytest -q tests/test_cuda_kernels.py
+[ "${CUDA_STAGE_TESTS:-1}" = 1 ] && stage cuda-tests python -m pytest -q tests/test_cuda_kernels.py
 stage cuda-op-tests env FUSEDSTAB_TEST_BACKENDS=cuda python -m pytest -q -m gpu \
     tests/test_layer_norm.py tests/test_bias_leaky_relu.py tests/test_clip_grad.py
 
@@ -56,7 +57,9 @@ else
     echo "== compute-sanitizer not found: memcheck / racecheck not run"
 fi
 
-stage cuda-bench python benchmarks/cuda_bench.py --out "${BENCH_OUT:-benchmarks/results}"
-[ -n "${OUT:-}" ] && cp benchmarks/results/cuda_kernels_* "$OUT/" 2>/dev/null
+if [ "${CUDA_STAGE_BENCH:-1}" = 1 ]; then
+    stage cuda-bench python benchmarks/cuda_bench.py --out "${BENCH_OUT:-benchmarks/results}"
+    [ -n "${OUT:-}" ] && cp benchmarks/results/cuda_kernels_* "$OUT/" 2>/dev/null
+fi
 echo "== cuda stage: exit $rc in ${SECONDS}s"
 exit $rc

@@ -43,8 +43,13 @@ def test_op(benchmark, case, mode, name):
     benchmark.extra_info.update(case.params, bytes=case.bytes_moved[mode])
     with prov.context():
         inputs, grads = case.make_inputs()
-        thunk = (case.thunk or make_thunk)(prov.fn, inputs, grads, mode)
-        thunk()  # warm-up outside the timing (torch.compile compiles here)
+        try:
+            thunk = (case.thunk or make_thunk)(prov.fn, inputs, grads, mode)
+            thunk()  # warm-up outside the timing (torch.compile compiles here)
+        except Exception as e:  # as the runner: a fusedstab backend without this op is no failure
+            if type(e).__name__ == "BackendError" and "no implementation" in str(e):
+                pytest.skip(str(e))
+            raise
         benchmark(lambda: (thunk(), sync()))
     if benchmark.stats is not None:  # None under --benchmark-disable
         median = benchmark.stats.stats.median

@@ -44,4 +44,10 @@ TORCH_LIBRARY(fusedstab_C, m) {
   // multi-tensor norm and scale (global-norm gradient clipping)
   m.def("multi_tensor_norm(Tensor[] tensors, float norm_type, Tensor(a!) out) -> ()");
   m.def("multi_tensor_scale_(Tensor(a!)[] tensors, Tensor coef, bool zero_nonfinite) -> ()");
+  // gradient statistics and the finishing program of an adaptive clipping step (csrc/cpu/grad_stats.cpp)
+  m.def("grad_stats(Tensor[] tensors, Tensor(a!) out) -> ()");
+  m.def("grad_clip_finish(Tensor stats, Tensor(a!) state, Tensor? max_norm, float max_norm_value, str clip_mode, "
+        "int warmup, float z_thresh, float alpha, float eps, float q, bool skip_nonfinite, float skip_above, "
+        "Tensor(b!) ring_tensors, Tensor(c!) ring_scalars, Tensor(d!) total, Tensor(e!) coef, Tensor(f!) found_inf, "
+        "Tensor(g!) threshold) -> ()");
 }

@@ -77,14 +77,19 @@ def _prebuilt(digest: str, name: str = "_C") -> Path | None:
     return None
 
 
-def _jit(sources: list[Path], flags: list[str], root: Path, digest: str) -> None:
+def _jit(name: str, what: str, **kwargs) -> None:
+    """Load the cached JIT build ``name`` (its name carries the hash of what built it), or compile it
+    with torch.utils.cpp_extension.load, saying so once."""
+    import torch
     import torch.utils.cpp_extension as cpp
 
-    print(f"fusedstab: compiling the C++ CPU kernels (first use; about 2-5 minutes on 2 cores, then cached "
-          f"in {cpp._get_build_directory(f'{NAMESPACE}_{digest}', False)})", file=sys.stderr, flush=True)
+    build_dir = Path(cpp._get_build_directory(name, False))
+    if (build_dir / f"{name}.so").is_file():
+        torch.ops.load_library(str(build_dir / f"{name}.so"))
+        return
+    print(f"fusedstab: compiling {what}, then cached in {build_dir}", file=sys.stderr, flush=True)
     os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
-    cpp.load(name=f"{NAMESPACE}_{digest}", sources=[str(s) for s in sources], extra_cflags=flags,
-             extra_ldflags=["-fopenmp"], extra_include_paths=[str(root)], is_python_module=False)
+    cpp.load(name=name, is_python_module=False, **kwargs)
 
 
 @functools.lru_cache(None)
@@ -104,7 +109,9 @@ def load() -> str | None:  # the CPU library (the schemas and the cpu backend)
         if lib is not None:
             torch.ops.load_library(str(lib))
         else:
-            _jit(sources, flags, root, digest)
+            _jit(f"{NAMESPACE}_{digest}", "the C++ CPU kernels (first use; about 2-5 minutes on 2 cores)",
+                 sources=[str(s) for s in sources], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                 extra_include_paths=[str(root)])
     except Exception as e:  # a compiler error, no compiler, no ninja: the other backends serve
         why = f"the C++ extension failed to build or load: {type(e).__name__}: {str(e).strip()[-2000:]}"
         warnings.warn(f"fusedstab: {why}; the cpu backend is off in this process", stacklevel=2)
@@ -156,17 +163,6 @@ SETUP_CUDA_ARCHS, SETUP_CUDA_PTX = ["90a"], "80"
 _CUDA_HOST_FLAGS = ["-O3", "-DNDEBUG"]
 
 
-def _cuda_jit(sources: list[Path], flags: list[str], root: Path, digest: str) -> None:
-    import torch.utils.cpp_extension as cpp
-
-    name = f"{NAMESPACE}_cuda_{digest}"
-    print(f"fusedstab: compiling the CUDA kernels (first CUDA use; about a minute on 16 cores, then cached in "
-          f"{cpp._get_build_directory(name, False)})", file=sys.stderr, flush=True)
-    os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
-    cpp.load(name=name, sources=[str(s) for s in sources], extra_cflags=_CUDA_HOST_FLAGS,
-             extra_cuda_cflags=flags, extra_include_paths=[str(root)], is_python_module=False)
-
-
 def _cuda_unbuildable() -> str | None:
     """Why this process cannot have the CUDA library at all (None: it may)."""
     import torch
@@ -206,7 +202,9 @@ def load_cuda() -> str | None:
             if CUDA_HOME is None:
                 raise RuntimeError("nvcc not found (set CUDA_HOME, or put nvcc on PATH)")
             flags = cuda_flags([cuda_arch(torch.cuda.get_device_capability())])
-            _cuda_jit(sources, flags, root, build_hash(root, sources, flags))
+            _jit(f"{NAMESPACE}_cuda_{build_hash(root, sources, flags)}",
+                 "the CUDA kernels (first CUDA use; about a minute on 16 cores)", sources=[str(s) for s in sources],
+                 extra_cflags=_CUDA_HOST_FLAGS, extra_cuda_cflags=flags, extra_include_paths=[str(root)])
     except Exception as e:  # no nvcc, a compiler error: the triton and torch backends serve
         why = f"the CUDA kernels failed to build or load: {type(e).__name__}: {str(e).strip()[-2000:]}"
         warnings.warn(f"fusedstab: {why}; the cuda backend is off in this process", stacklevel=2)

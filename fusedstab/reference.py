@@ -311,3 +311,108 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor
         dk = dk.unflatten(-3, (k.shape[-3], g)).sum(-3)
         dv = dv.unflatten(-3, (k.shape[-3], g)).sum(-3)
     return dq, dk, dv, ds
+
+
+# ----------------------------------------------------------------------------- gradient statistics and adaptive clipping
+def grad_stats(tensors: list[Tensor]) -> Tensor:
+    """Per-tensor statistics from one read of each tensor, rows (3, len(tensors)) in the accumulation
+    dtype: sum |x|^2, the count of non-finite elements, max |x| (NaN if any element is NaN, 0 for an
+    empty tensor). Complex tensors: of |x|. Rows 0-1 add up over shards, row 2 takes their max."""
+    acc = acc_dtype(tensors[0].real.dtype if tensors[0].is_complex() else tensors[0].dtype)
+    out = torch.zeros(3, len(tensors), dtype=acc, device=tensors[0].device)
+    for i, t in enumerate(tensors):
+        a = (t.abs() if t.is_complex() else t).to(acc).reshape(-1)
+        out[0, i] = a.square().sum()
+        out[1, i] = (~torch.isfinite(a)).sum()
+        out[2, i] = a.abs().amax() if a.numel() else 0.0
+    return out
+
+
+# The clipper's device state (float64): its layout, shared by every backend of grad_clip_finish.
+STEPS, SEEN, MEAN, VAR = range(4)  # calls so far, good norms seen, EMA (Welford during warm-up) mean, var (M2)
+WINDOW = 4  # state[WINDOW:] holds the last good norms (quantile mode), NaN where empty
+
+
+def grad_clip_finish(stats: Tensor, state: Tensor, max_norm: Tensor | None, max_norm_value: float, mode: str,
+                     warmup: int, z_thresh: float, alpha: float, eps: float, q: float, skip_nonfinite: bool,
+                     skip_above: float, ring_tensors: Tensor, ring_scalars: Tensor):
+    """The finishing program of a clipping step: per-tensor reductions -> total norm, threshold, clip
+    coefficient, skip flag; updates the mode's ``state`` and writes telemetry into the rings, in place.
+
+    stats: (C, T) from grad_stats (C = 3) or multi_tensor_norm(2) (C = 1, row 0 only). The total norm
+    g = sqrt(sum stats[0]). ``cap`` = ``max_norm`` (a 0-d tensor) if given, else ``max_norm_value``
+    (inf: none). A step is skipped when g is NaN/Inf (``skip_nonfinite``) or g > ``skip_above``; a
+    skipped step changes no statistic, and its coefficient is 1 (the optimizer must skip it:
+    ``found_inf``). Threshold by mode:
+      fixed     cap
+      zclip     (ZClip, arXiv 2504.02507) after ``warmup`` good steps whose mean and (population)
+                variance start an EMA: z = (g - mean) / (std + eps); if z > z_thresh the threshold is
+                min(mean + z_thresh^2 std / z, cap), else cap; the EMA then takes the threshold (a
+                spike) or g, with factor ``alpha``: mean <- a mean + (1-a) x, var <- a var + (1-a) (x - mean)^2
+      quantile  the ``q``-quantile (linear interpolation, as torch.quantile) of the last W good norms,
+                this step's included (W = state.numel() - WINDOW), min'd with cap
+    During the first ``warmup`` good steps the adaptive modes use cap. coef = min(thr / (g + 1e-6), 1)
+    as torch's clip_grad_norm_.
+
+    Ring slot (state[STEPS] % K, K = ring_scalars.shape[0]; none when K == 0): ring_tensors[slot] =
+    per-tensor [norm, max |x|, non-finite count] (needs C = 3), ring_scalars[slot] = [step (1-based),
+    g, threshold, coef, skipped]. Returns (g, coef, found_inf, threshold): g, coef, threshold in
+    stats' dtype, found_inf float32 (1.0 = skip), all 0-d.
+    """
+    f64 = torch.float64
+    dev = state.device
+    g = stats[0].to(f64).sum().sqrt()
+    inf = torch.tensor(float("inf"), dtype=f64, device=dev)
+    cap = max_norm.to(dev, f64).reshape(()) if max_norm is not None else torch.full((), max_norm_value, dtype=f64,
+                                                                                     device=dev)
+    skip = (g > skip_above) | (~torch.isfinite(g) if skip_nonfinite else torch.zeros((), dtype=torch.bool, device=dev))
+    good = torch.isfinite(g) & ~skip
+    steps, seen, mean, var = state[:WINDOW].clone()  # copies: state is written below
+    warm = seen < warmup
+    thr = cap
+    if mode == "zclip":
+        std = var.clamp_min(0).sqrt()
+        z = (g - mean) / (std + eps)
+        spike = ~warm & (z > z_thresh)
+        adaptive = mean + z_thresh * z_thresh * std / z
+        thr = torch.where(spike, torch.minimum(adaptive, cap), cap)
+        # warm-up: Welford; at its last step the population variance; after: the EMA of x
+        n1 = seen + 1
+        w_mean = mean + (g - mean) / n1
+        w_m2 = var + (g - mean) * (g - w_mean)
+        w_var = torch.where(n1 >= warmup, w_m2 / n1, w_m2)
+        x = torch.where(spike, adaptive, g)
+        e_mean = alpha * mean + (1 - alpha) * x
+        e_var = alpha * var + (1 - alpha) * (x - e_mean) ** 2
+        state[MEAN] = torch.where(good, torch.where(warm, w_mean, e_mean), mean)
+        state[VAR] = torch.where(good, torch.where(warm, w_var, e_var), var)
+    elif mode == "quantile":
+        window = state[WINDOW:]
+        W = window.numel()
+        pos = torch.remainder(seen, W).long()
+        window = torch.where(good & (torch.arange(W, device=dev) == pos), g, window)
+        state[WINDOW:] = window
+        m = torch.where(good, seen + 1, seen).clamp(max=W)  # good norms in the window
+        srt = torch.where(torch.isnan(window), inf, window).sort().values
+        p = q * (m - 1)
+        lo = p.floor().clamp(0, W - 1)
+        hi = (lo + 1).clamp(max=(m - 1).clamp(min=0))
+        v_lo, v_hi = srt[lo.long()], srt[hi.long()]
+        quant = torch.where(m > 0, v_lo + (p - lo) * (v_hi - v_lo), inf)
+        thr = torch.where(warm, cap, torch.minimum(quant, cap))
+    elif mode != "fixed":
+        raise ValueError(f"unknown clipping mode {mode!r}")
+    coef = (thr / (g + 1e-6)).clamp(max=1.0)
+    coef = torch.where(skip, torch.ones_like(coef), coef)
+    state[SEEN] = torch.where(good, seen + 1, seen)
+    state[STEPS] = steps + 1
+    K = ring_scalars.shape[0]
+    if K:
+        slot = torch.remainder(steps, K).long()
+        if ring_tensors.numel():
+            row = torch.stack([stats[0].to(f64).sqrt(), stats[2].to(f64), stats[1].to(f64)])
+            ring_tensors.index_copy_(0, slot.reshape(1), row.to(ring_tensors.dtype).unsqueeze(0))
+        scal = torch.stack([steps + 1, g, thr, coef, skip.to(f64)])
+        ring_scalars.index_copy_(0, slot.reshape(1), scal.to(ring_scalars.dtype).unsqueeze(0))
+    dt = stats.dtype
+    return g.to(dt), coef.to(dt), skip.to(torch.float32), thr.to(dt)

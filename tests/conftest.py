@@ -82,3 +82,24 @@ def _backend_serves_device(request):
         if name == "cpu" and device == "cpu" and REQUIRE_EXT:
             pytest.fail(f"FUSEDSTAB_REQUIRE_EXT=1 but the cpu backend is unavailable: {why}")
         pytest.skip(why)
+
+
+# ----------------------------------------------------------------------------- program order
+# The interpreter runs a grid's programs one after another, in order: a kernel that relies on program
+# order (one program reading what a lower-numbered one wrote) passes on CPU and races on a GPU. A test
+# that uses the ``program_order`` fixture (``pytestmark = pytest.mark.usefixtures("program_order")``)
+# runs twice: programs in order, and in reverse (every grid index mirrored). A parametrized fixture,
+# not a collection hook, so that it composes with any other hook of this file.
+@pytest.fixture(params=["in_order", "reversed"])
+def program_order(request, monkeypatch):
+    if request.param == "reversed" and INTERPRET:
+        from triton.runtime.interpreter import interpreter_builder as builder
+
+        set_grid_idx = builder.set_grid_idx
+
+        def mirrored(x, y, z):
+            nx, ny, nz = builder.grid_dim
+            set_grid_idx(nx - 1 - x, ny - 1 - y, nz - 1 - z)
+
+        monkeypatch.setattr(builder, "set_grid_idx", mirrored)
+    return request.param

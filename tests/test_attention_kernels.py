@@ -458,23 +458,56 @@ def test_dropout_keep_statistics():
             assert (rates - (1 - p)).abs().max() < 5 * (p * (1 - p) / (n // keep.shape[dim])) ** 0.5, (p, dim)
 
 
+def philox4x32(seed: int, c0, c1, c2, c3, rounds: int = 10):
+    """Philox4x32 (Salmon et al. 2011) in numpy, as triton's tl.philox computes it: key = the 64-bit
+    seed's (low, high) words; returns the four output words."""
+    import numpy as np
+
+    M32 = np.uint64(0xFFFFFFFF)
+    A, Bm = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+    c = [np.asarray(x, dtype=np.uint64) & M32 for x in np.broadcast_arrays(c0, c1, c2, c3)]
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64((seed >> 32) & 0xFFFFFFFF)
+    for _ in range(rounds):
+        p0, p1 = A * c[0], Bm * c[2]  # 64-bit products of 32-bit words: no overflow
+        c = [((p1 >> np.uint64(32)) ^ c[1] ^ k0) & M32, p1 & M32,
+             ((p0 >> np.uint64(32)) ^ c[3] ^ k1) & M32, p0 & M32]
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & M32, (k1 + np.uint64(0xBB67AE85)) & M32
+    return c
+
+
+def expected_keep(B, Hq, L, S, p, seed, offset):
+    """keep(b, h, i, j): word j % 4 of Philox(seed; j // 4, i, b * Hq + h, offset), >> 8, >= p * 2^24."""
+    import numpy as np
+
+    j = np.arange(S)
+    i = np.arange(L)[:, None]
+    out = np.zeros((B, Hq, L, S), dtype=bool)
+    for b in range(B):
+        for h in range(Hq):
+            words = philox4x32(seed, j[None, :] // 4, i, b * Hq + h, offset)
+            r = np.stack(np.broadcast_arrays(*words))[j % 4, i, j[None, :]]
+            out[b, h] = (r >> np.uint64(8)) >= round(p * (1 << 24))
+    return torch.from_numpy(out)
+
+
 def test_dropout_counter_scheme(monkeypatch):
-    """keep(b, h, i, j) = rand(seed, offset + ((b * Hq + h) * L + i) * S + j) >= p: reproducible, another
-    seed gives another mask, shifting the offset shifts the mask, the block sizes do not matter."""
-    B, Hq, L, S = 2, 2, 20, 24
+    """The keep mask is exactly word j % 4 of Philox4x32-10(seed; j // 4, i, b * Hq + h, offset) >> 8 >=
+    p * 2^24 (checked against an independent Philox): reproducible, another seed or offset gives
+    another mask, the block sizes do not matter (forward and backward use other blocks)."""
+    B, Hq, L, S, p = 2, 2, 20, 24, 0.3
     q, k, _, _ = make(B, Hq, 1, L, S, 16, 16)
     seed = 2 ** 40 + 7  # a 64-bit seed
-    keep, _ = keep_mask(q, k, seed=seed, offset=5)
-    again, _ = keep_mask(q, k, seed=seed, offset=5)
+    keep, visible = keep_mask(q, k, p=p, seed=seed, offset=5)
+    assert visible.all()
+    assert torch.equal(keep, expected_keep(B, Hq, L, S, p, seed, 5))
+    again, _ = keep_mask(q, k, p=p, seed=seed, offset=5)
     assert torch.equal(keep, again)
-    other_seed, _ = keep_mask(q, k, seed=3, offset=5)
+    other_seed, _ = keep_mask(q, k, p=p, seed=3, offset=5)
     assert (keep != other_seed).double().mean() > 0.2
-    row_shift, _ = keep_mask(q, k, seed=seed, offset=5 + S)  # counter + S: the next query row
-    assert torch.equal(row_shift[:, :, :-1], keep[:, :, 1:])
-    head_shift, _ = keep_mask(q, k, seed=seed, offset=5 + L * S)  # counter + L * S: the next head
-    assert torch.equal(head_shift[0, 0], keep[0, 1]) and torch.equal(head_shift[0, 1], keep[1, 0])
+    other_offset, _ = keep_mask(q, k, p=p, seed=seed, offset=6)
+    assert (keep != other_offset).double().mean() > 0.2
     monkeypatch.setattr(A, "INTERPRET_BLOCKS", (32, 16))
-    blocks, _ = keep_mask(q, k, seed=seed, offset=5)
+    blocks, _ = keep_mask(q, k, p=p, seed=seed, offset=5)
     assert torch.equal(blocks, keep)
 
 

@@ -1,8 +1,14 @@
-"""The benchmark harness end to end: `python -m fusedstab.bench --smoke` in a subprocess
-(one tiny shape per op, every mode, no torch.compile), then its JSON and table are checked."""
+"""The benchmark harness end to end: `python -m fusedstab.bench --tiny` in a subprocess (one tiny shape
+per op, every mode, one call per provider, no torch.compile, no figures: tests/test_bench_report.py
+checks those), then its JSON (the schema), its text and its progress lines are checked.
+
+On CPU the Triton interpreter is left off here (it would triple the time): the harness's path for a
+fusedstab backend is the same for every backend, the Triton kernels have their own tests, and the
+GPU variant runs fusedstab-triton for real."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,44 +16,71 @@ from pathlib import Path
 import pytest
 
 from fusedstab.bench import MODES, OPS
-from fusedstab.bench import activation as act_bench
-from fusedstab.bench import clip as clip_bench
-from fusedstab.bench.norms import bytes_model
+from fusedstab.bench import bias_leaky_relu as bias_bench
+from fusedstab.bench import clip_grad_norm as clip_bench
+from fusedstab.bench import linear_leaky_relu as linear_bench
+from fusedstab.bench.layer_norm import bytes_model
+from fusedstab.bench.runner import SCHEMA
 
 ROOT = Path(__file__).resolve().parents[1]
-ROW_KEYS = {"op", "mode", "provider", "dtype", "ms", "bytes", "gbps", "pct_copy",
+TOP_KEYS = {"schema", "meta", "copy_bandwidth", "matmul_peak", "providers", "backends", "ops", "cases", "rows",
+            "notes", "elapsed_s", "estimate_s"}
+META_KEYS = {"date", "device", "device_name", "dtype", "python", "torch", "triton", "platform", "argv", "quick",
+             "tiny", "compile", "torch_threads", "git_commit", "git_dirty"}
+ROW_KEYS = {"op", "case", "desc", "mode", "provider", "dtype", "ms", "bytes", "gbps", "pct_copy",
             "speedup_vs_eager", "speedup_vs_compile", "max_rel_err"}
-SHAPE_KEYS = {"clip_grad_norm": {"model", "tensors", "numel"},  # every other op: rows of N, M of them
+SHAPE_KEYS = {"layer_norm": {"M", "N"}, "rms_norm": {"M", "N"}, "add_layer_norm": {"M", "N"},
+              "clip_grad_norm": {"model", "tensors", "numel"},
               "bias_leaky_relu": {"shape", "dim", "layout", "numel"},
-              "linear_leaky_relu": {"M", "K", "N", "tflops"},
+              "linear_leaky_relu": {"M", "K", "N", "tflops", "pct_matmul"},
               "group_norm": {"shape", "groups", "layout", "act"},
               "batch_norm": {"shape", "layout", "act"},
-              "attention": {"B", "H", "L", "E", "causal", "tflops"}}
+              "attention": {"B", "H", "L", "E", "causal", "tflops", "pct_matmul"},
+              "train_step": {"model", "batch", "params", "tflops"}}
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_bench_smoke(tmp_path, device):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    p = subprocess.run([sys.executable, "-m", "fusedstab.bench", "--smoke", "--device", device, "--out", str(tmp_path)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+def test_bench_tiny(tmp_path, device):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "OMP_WAIT_POLICY": "passive"}  # set: no re-exec to set it
+    env.pop("TRITON_INTERPRET", None)  # tests/conftest.py sets it on CPU
+    p = subprocess.run([sys.executable, "-m", "fusedstab.bench", "--tiny", "--plot", "none", "--device", device,
+                        "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "[1/" in p.stderr  # progress lines
+    # progress: the first line says what runs and how long it takes; then a line per row
+    # (lines of fusedstab itself, e.g. "fusedstab: compiling the C++ CPU kernels", may come first)
+    first = next(line for line in p.stderr.splitlines() if not line.startswith("fusedstab: "))
+    assert first.startswith("fusedstab.bench: ") and "timings of 9 ops" in first and "about" in first, first
+    assert "[1/" in p.stderr and "copy bandwidth" in p.stderr
     (js,) = tmp_path.glob("*.json")
+    assert {f.name for f in tmp_path.iterdir()} == {js.name, js.stem + ".txt", js.stem + ".md"}  # --plot none
     assert (tmp_path / (js.stem + ".txt")).read_text().startswith(p.stdout.splitlines()[0])
+    assert p.stdout.splitlines()[-1].startswith("wrote: ")  # benchmarks/gpu_run.sh reads this line
+
     res = json.loads(js.read_text())
+    assert set(res) == TOP_KEYS and res["schema"] == SCHEMA
+    assert META_KEYS <= set(res["meta"]) and res["meta"]["tiny"] is True and res["meta"]["device"] == device
     for k in ("device_name", "torch", "triton", "python", "date", "dtype"):
         assert res["meta"][k], k
-    assert res["copy_bandwidth"]["gbps"] > 0
+    assert res["copy_bandwidth"]["gbps"] > 0 and res["matmul_peak"]["tflops"] > 0
     rows = res["rows"]
-    assert {r["op"] for r in rows} == set(OPS)
+    assert {r["op"] for r in rows} == set(OPS) == set(res["ops"])
     assert {r["mode"] for r in rows} == set(MODES)
     provs = {r["provider"] for r in rows}
+    assert provs <= set(res["providers"]) and all(res["providers"][p] for p in provs)  # each explained
     assert "fusedstab-torch" in provs
-    assert "matmul" in provs  # linear_leaky_relu's bare-matmul yardstick
-    if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":  # tests/conftest.py sets it on CPU
-        assert "fusedstab-triton" in provs
+    assert "matmul" in provs and "eager-loop" in provs  # the yardsticks
+    backends = {b["name"]: b for b in res["backends"]}
+    assert backends["torch"]["ran"]
+    assert all(b["ran"] or b["why"] for b in backends.values())
+    if device == "cuda":
+        assert "fusedstab-triton" in provs and backends["triton"]["ran"]
+    else:
+        assert not backends["triton"]["ran"] and "TRITON_INTERPRET" in backends["triton"]["why"]
+        assert "not run triton" in p.stdout
     for r in rows:
-        assert ROW_KEYS | SHAPE_KEYS.get(r["op"], {"M", "N"}) <= r.keys(), r
+        assert ROW_KEYS | SHAPE_KEYS[r["op"]] <= r.keys(), r
+        assert r["case"] in res["cases"] and res["cases"][r["case"]]["desc"] == r["desc"] != ""
         if device == "cuda" and r["op"] == "clip_grad_norm":
             assert r["launches"] is None or r["launches"] > 0
             if r["provider"].startswith("fusedstab") or r["provider"] == "eager":
@@ -60,6 +93,8 @@ def test_bench_smoke(tmp_path, device):
     # every provider ran and agreed with eager (the runner turns failures and mismatches into notes)
     bad = [n for n in res["notes"] if "failed:" in n or "differs from eager" in n]
     assert not bad, bad
+    md = (tmp_path / (js.stem + ".md")).read_text()
+    assert all(f"## {op}" in md for op in OPS)
 
 
 def test_bytes_model():
@@ -85,10 +120,30 @@ def test_clip_bytes_model_and_lists():
 
 def test_activation_bytes_and_flops_model():
     n, C, e = 8192 * 4096, 4096, 2  # bf16 x and bias; slope >= 0: backward reads the saved y
-    assert act_bench.bias_bytes_model(n, C, e, e) == {"fwd": 2 * n * e + C * e, "bwd": 3 * n * e + C * e,
+    assert bias_bench.bias_bytes_model(n, C, e, e) == {"fwd": 2 * n * e + C * e, "bwd": 3 * n * e + C * e,
                                                       "fwd+bwd": 5 * n * e + 2 * C * e}
     M, K, N = 8192, 4096, 16384
     fwd = (M * K + N * K + M * N) * e + N * e  # read x, w, b; write y
     bwd = (M * N + M * K + N * K + M * N + M * K + N * K) * e + N * e  # read dy, x, w, y; write dx, dw, db
-    assert act_bench.linear_bytes_model(M, K, N, e, e) == {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}
-    assert act_bench.linear_flops(M, K, N) == {"fwd": 2 * M * N * K, "bwd": 4 * M * N * K, "fwd+bwd": 6 * M * N * K}
+    assert linear_bench.linear_bytes_model(M, K, N, e, e) == {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}
+    assert linear_bench.linear_flops(M, K, N) == {"fwd": 2 * M * N * K, "bwd": 4 * M * N * K, "fwd+bwd": 6 * M * N * K}
+
+
+def test_help():
+    """Plain text (no reST markup), the ops and the providers listed once each, examples; no torch
+    import beyond what ``import fusedstab`` does before the arguments are parsed."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    p = subprocess.run([sys.executable, "-m", "fusedstab.bench", "--help"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    assert "``" not in out and ":mod:" not in out and ":func:" not in out
+    for op in OPS:  # once each: in the list of ops, not in --ops' usage too
+        assert len(re.findall(rf"^\s+{op}\s", out, re.M)) == 1, op
+    for name in ("eager", "compile", "fusedstab-torch", "fusedstab-triton", "eager-loop", "matmul"):
+        assert len(re.findall(rf"^\s+{name}\s", out, re.M)) == 1, name
+    assert "{layer_norm," not in out and "{fwd," not in out  # no choices list in the usage or the options
+    assert "\nexamples:\n" in out and "python -m fusedstab.bench --tiny" in out
+    bad = subprocess.run([sys.executable, "-m", "fusedstab.bench", "--providers", "nope"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown provider 'nope'" in bad.stderr and "fusedstab-torch" in bad.stderr

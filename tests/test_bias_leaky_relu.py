@@ -23,6 +23,7 @@ import fusedstab.nn as fnn
 from fusedstab import backend as fs_backend
 from fusedstab import functional as FS
 from fusedstab import reference
+from fusedstab.ops.bias_leaky_relu import memory_order_2d
 
 from helpers import (DEVICES, assert_matches, assert_raises_like_torch, assert_same_nonfinite, device_dtypes,
                      graph_recorder, keeps_layout, leaf, leaky_relu_factor, run, same_layout)
@@ -503,6 +504,22 @@ def _fwd_case(case):
     return _rows_args(R, L, C, per_row, xdt, bdt, has_b, strided), per_row
 
 
+def _op_input(x2, b, per_row):
+    """The fwd op's (x, dim) for a 2-D case: (R, L) with the bias per column is x2 with dim 1; rows of L
+    with the bias index row % C are x2 as (R // C, C, L) (a view) with dim 1."""
+    return (x2.unflatten(0, (-1, 1 if b is None else b.numel())) if per_row else x2), 1
+
+
+def _fwd_2d(x2, b, slope, per_row):
+    """The fwd op on a 2-D case: (y, mask, (R, L), per_row) in the op's own 2-D view of x (for L == 1
+    with per-row bias that is (R // C, C) with the bias per column: the same elements)."""
+    x, dim = _op_input(x2, b, per_row)
+    y, mask = OPS.bias_leaky_relu_fwd(x, b, slope, dim)
+    assert y.shape == x.shape
+    _, _, rl, pr = memory_order_2d(x, dim)
+    return y.reshape(rl), mask, rl, pr
+
+
 def _bwd_args(dy2, saved, slope, per_row, C, x_dtype, bias, need_dx=True):
     """fusedstab::bias_leaky_relu_bwd(dy, saved, slope, per_row, C, dx_dtype, need_dx, need_dbias)."""
     return (dy2, saved, slope, per_row, C, x_dtype, need_dx, bias is not None)
@@ -512,17 +529,18 @@ def _bwd_args(dy2, saved, slope, per_row, C, x_dtype, bias, need_dx=True):
 @pytest.mark.parametrize("case", OP_CASES, ids=[c[0] for c in OP_CASES])
 def test_opcheck_fwd(case, slope, op_backend):
     (x2, b), per_row = _fwd_case(case)
-    torch.library.opcheck(OPS.bias_leaky_relu_fwd, (x2, b, slope, per_row))
+    x, dim = _op_input(x2, b, per_row)
+    torch.library.opcheck(OPS.bias_leaky_relu_fwd, (x, b, slope, dim))
 
 
 @pytest.mark.parametrize("slope", (0.01, -0.3))
 @pytest.mark.parametrize("case", OP_CASES, ids=[c[0] for c in OP_CASES])
 def test_opcheck_bwd(case, slope, op_backend):
     (x2, b), per_row = _fwd_case(case)
-    y2, mask = OPS.bias_leaky_relu_fwd(x2, b, slope, per_row)
+    y2, mask, _, per_row = _fwd_2d(x2, b, slope, per_row)
     saved = y2 if slope >= 0 else mask
     dy2 = torch.randn(y2.shape, device=DEV).to(y2.dtype)
-    C = b.numel() if b is not None else (x2.shape[1] if not per_row else 1)
+    C = b.numel() if b is not None else (y2.shape[1] if not per_row else 1)
     for need_dx in (True, False):
         torch.library.opcheck(OPS.bias_leaky_relu_bwd,
                               _bwd_args(dy2, saved, slope, per_row, C, x2.dtype, b, need_dx))
@@ -531,16 +549,17 @@ def test_opcheck_bwd(case, slope, op_backend):
 @pytest.mark.parametrize("slope", SLOPES)
 @pytest.mark.parametrize("case", OP_CASES, ids=[c[0] for c in OP_CASES])
 def test_op_outputs(case, slope, op_backend):
-    """The fwd op: y2 contiguous in the promoted dtype with the right values; the mask, for slope < 0,
-    uint8 (R, ceil(L/8)) with bit j of byte k set iff element 8k+j of the row is > 0 before the
-    activation; an empty tensor for slope >= 0. The bwd op: dx right in x's dtype, dbias right in the
-    accumulation dtype (the autograd Function casts it to bias's dtype)."""
+    """The fwd op: y in x's shape, contiguous, in the promoted dtype with the right values; the mask,
+    for slope < 0, uint8 (R, ceil(L/8)) over the op's 2-D view with bit j of byte k set iff element
+    8k+j of the row is > 0 before the activation; an empty tensor for slope >= 0. The bwd op: dx right
+    in x's dtype, dbias right in the accumulation dtype (the autograd Function casts it to bias's
+    dtype)."""
     (x2, b), per_row = _fwd_case(case)
-    R, L = x2.shape
-    y2, mask = OPS.bias_leaky_relu_fwd(x2, b, slope, per_row)
-    od = x2.dtype if b is None else torch.promote_types(x2.dtype, b.dtype)
-    assert y2.shape == (R, L) and y2.dtype == od and y2.is_contiguous()
     z = _expected_z(x2, b, per_row)
+    y2, mask, (R, L), per_row = _fwd_2d(x2, b, slope, per_row)
+    z = z.reshape(R, L)
+    od = x2.dtype if b is None else torch.promote_types(x2.dtype, b.dtype)
+    assert y2.dtype == od and y2.is_contiguous()
     torch.testing.assert_close(y2.double(), F.leaky_relu(z, slope), rtol=1e-3 if od == torch.float16 else 1e-6,
                                atol=1e-6)
     if slope >= 0:

@@ -45,10 +45,17 @@ def _attn(L=5, S=7, empty=False):
     return q, k, v, o, lse
 
 
+def _window(norms, W):
+    """An adaptive clipper's state (steps, seen, mean, var, window of W) after ``norms``."""
+    n = len(norms)
+    return torch.tensor([n, n, 0.0, 0.0] + norms + [float("nan")] * (W - n), dtype=torch.float64)
+
+
 # op -> {case name: () -> args}; the torch backend computes what the cases need beforehand.
 CASES = {
     "layer_norm_fwd": {
         "ln": lambda: (_r(5, 37), _r(37), _r(37), None, 1e-5, False),
+        "ln_3d_two_dims": lambda: (_r(2, 3, 5, 7), _r(35), _r(35), _r(2, 3, 5, 7), 1e-5, False, 2),
         "add_rms": lambda: (_r(5, 37), _r(37), None, _r(5, 37), 1e-5, True),
         "empty": lambda: (_r(0, 37), _r(37), _r(37), None, 1e-5, False),
     },
@@ -59,6 +66,7 @@ CASES = {
     "group_norm_fwd": {
         "silu": lambda: (_r(2, 6, 10, offset=1.0), _r(6), _r(6), 3, 1e-5, "silu", 0.01),
         "channels_last": lambda: (_r(2, 10, 6).transpose(1, 2), _r(6), None, 2, 1e-5, "leaky_relu", 0.2),
+        "nhwc_4d": lambda: (_r(2, 6, 3, 4).to(memory_format=torch.channels_last), _r(6), _r(6), 3, 1e-5, "relu", 0.01),
         "empty": lambda: (_r(0, 6, 10), _r(6), _r(6), 3, 1e-5, "none", 0.01),
     },
     "group_norm_bwd": {
@@ -71,6 +79,8 @@ CASES = {
     },
     "batch_norm_elemt": {
         "relu": lambda: (lambda x, w, b, m, r: (x, w, b, m, r, "relu", 0.01))(*_bn()),
+        "nhwc_4d": lambda: (lambda x, w, b, m, r: (x.view(4, 3, 2, 5).to(memory_format=torch.channels_last), w, b, m, r,
+                                                   "silu", 0.01))(*_bn()),
         "empty": lambda: (lambda x, w, b, m, r: (_r(0, 3, 10), w, b, m, r, "relu", 0.01))(*_bn()),
     },
     "batch_norm_bwd_reduce": {
@@ -82,19 +92,21 @@ CASES = {
         "eval": lambda: (lambda x, w, b, m, r: (_r(*x.shape), x, w, None, m, r, None, "none", 0.01))(*_bn()),
     },
     "bias_leaky_relu_fwd": {
-        "mask": lambda: (_r(6, 13), _r(13), -0.1, False),
-        "per_row": lambda: (_r(6, 13), _r(3), 0.2, True),
-        "empty": lambda: (_r(0, 13), _r(13), 0.2, False),
+        "mask": lambda: (_r(6, 13), _r(13), -0.1, 1),
+        "per_row": lambda: (_r(2, 3, 13), _r(3), 0.2, 1),
+        "channels_last": lambda: (_r(2, 3, 4, 5).to(memory_format=torch.channels_last), _r(3), -0.1, 1),
+        "empty": lambda: (_r(0, 13), _r(13), 0.2, 1),
     },
     "bias_leaky_relu_bwd": {
-        "mask": lambda: (_r(6, 13), OPS.bias_leaky_relu_fwd(_r(6, 13), None, -0.1, False)[1], -0.1, False, 13,
+        "mask": lambda: (_r(6, 13), OPS.bias_leaky_relu_fwd(_r(6, 13), None, -0.1, 1)[1], -0.1, False, 13,
                          torch.float32, True, True),
-        "per_row": lambda: (_r(6, 13), OPS.bias_leaky_relu_fwd(_r(6, 13), None, 0.2, False)[0], 0.2, True, 3,
+        "per_row": lambda: (_r(6, 13), OPS.bias_leaky_relu_fwd(_r(6, 13), None, 0.2, 1)[0], 0.2, True, 3,
                             torch.float32, True, True),
         "empty": lambda: (_r(0, 13), _r(0, 13), 0.2, False, 13, torch.float32, True, True),
     },
     "linear_leaky_relu_fwd": {
         "bias": lambda: (_r(5, 7), _r(3, 7), _r(3), 0.2),
+        "batched": lambda: (_r(2, 5, 7), _r(3, 7), _r(3), -0.2),
         "mask": lambda: (_r(5, 7).t().contiguous().t(), _r(3, 7), None, -0.5),
         "empty": lambda: (_r(0, 7), _r(3, 7), _r(3), 0.2),
     },
@@ -115,6 +127,22 @@ CASES = {
         "inf": lambda: ([_r(100), _r(3, 4)], float("inf")),
         "p3": lambda: ([_r(100), _r(1)], 3.0),
     },
+    "grad_stats": {
+        "mixed": lambda: ([_r(100), _r(3, 4), _r(0), _r(6, 8)[:, ::2]],),
+        "inf": lambda: ([torch.tensor([1.0, -float("inf"), 2.0]), torch.tensor([float("inf"), 0.0])],),  # NaN: opcheck compares without equal_nan
+    },
+    "grad_clip_finish": {
+        "fixed": lambda: (torch.rand(3, 4), torch.zeros(4, dtype=torch.float64), None, 0.5, "fixed", 0, 2.5, 0.9,
+                          1e-6, 0.9, True, float("inf"), torch.zeros(2, 3, 4), torch.zeros(2, 5, dtype=torch.float64)),
+        "zclip": lambda: (torch.rand(3, 4) * 4, torch.tensor([9.0, 9, 1.0, 0.04], dtype=torch.float64), None,
+                          float("inf"), "zclip", 5, 2.5, 0.9, 1e-6, 0.9, True, float("inf"), torch.zeros(2, 3, 4),
+                          torch.zeros(2, 5, dtype=torch.float64)),
+        "quantile": lambda: (torch.rand(1, 4), _window([0.5, 2.0, 1.0, 0.7, 1.5], 7), torch.tensor(1.2), 0.0,
+                             "quantile", 3, 2.5, 0.9, 1e-6, 0.8, True, 50.0, torch.zeros(0, 3, 4),
+                             torch.zeros(3, 5, dtype=torch.float64)),
+        "empty": lambda: (torch.zeros(3, 0), torch.zeros(4, dtype=torch.float64), None, 1.0, "fixed", 0, 2.5, 0.9,
+                          1e-6, 0.9, True, float("inf"), torch.zeros(1, 3, 0), torch.zeros(1, 5, dtype=torch.float64)),
+    },
     "multi_tensor_scale_": {
         "scale": lambda: ([_r(100), _r(3, 4), _r(0)], torch.tensor(0.5), False),
         "zero": lambda: ([_r(10), _r(3, 4)], torch.tensor(0.0), True),
@@ -132,8 +160,8 @@ def _args(op, name, seed=0):
 def _clone(a):
     if isinstance(a, torch.Tensor):
         return a.clone()
-    if isinstance(a, list):
-        return [_clone(t) for t in a]
+    if isinstance(a, (list, tuple)):  # the argument tuple too: ops that mutate get fresh inputs each run
+        return type(a)(_clone(t) for t in a)
     return a
 
 
@@ -183,7 +211,7 @@ def test_deterministic_run_to_run(op_backend, op, name):
     args = _args(op, name)
     first, second = _outputs(op, _clone(args)), _outputs(op, _clone(args))
     for a, b in zip(first, second):
-        assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)), op
+        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), op  # 0-d too
 
 
 @pytest.mark.parametrize("op,name", _CASES, ids=_IDS)

@@ -2,30 +2,31 @@
 ``fusedstab::batch_norm_*`` ops."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import ops  # noqa: F401  (registers torch.ops.fusedstab.*)
 from ..numerics import acc_dtype, chan_combine
-from .common import channels_view, forward_backend, remember_backend
+from .common import forward_backend, layout_in_place, remember_backend
 
 _ops = torch.ops.fusedstab
 
 
 def _bn_backward(ctx, dy, coef_of):
-    """dx, dweight, dbias of BatchNorm from the saved (x3, w, b, mean, rstd); ``coef_of(sums)`` gives
+    """dx, dweight, dbias of BatchNorm from the saved (x, w, b, mean, rstd); ``coef_of(sums)`` gives
     (mean(dz), mean(dz * xhat)) from the local (sum(dz), sum(dz * xhat)), or None (eval mode)."""
-    x3, w, b, mean, rstd = ctx.saved_tensors
+    x, w, b, mean, rstd = ctx.saved_tensors
     act, slope = ctx.act
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    dy3 = dy.reshape(x3.shape)
     dx = dw = db = None
     with forward_backend(ctx):
         sums = None
         if need_w or need_b or (need_x and ctx.training):
-            sums = _ops.batch_norm_bwd_reduce(dy3, x3, w, b, mean, rstd, act, slope)
+            sums = _ops.batch_norm_bwd_reduce(dy, x, w, b, mean, rstd, act, slope)
         if need_x:
             coef = coef_of(sums) if ctx.training else None
-            dx = _ops.batch_norm_bwd_elemt(dy3, x3, w, b, mean, rstd, coef, act, slope).view(dy.shape)
+            dx = _ops.batch_norm_bwd_elemt(dy, x, w, b, mean, rstd, coef, act, slope)
     if need_w and w is not None:
         dw = sums[1].to(w.dtype)
     if need_b and b is not None:
@@ -33,10 +34,10 @@ def _bn_backward(ctx, dy, coef_of):
     return dx, dw, db
 
 
-def _bn_save(ctx, x3, weight, bias, mean, rstd, activation, negative_slope, training):
+def _bn_save(ctx, x, weight, bias, mean, rstd, activation, negative_slope, training):
     remember_backend(ctx)
     ctx.act, ctx.training = (activation, negative_slope), training
-    ctx.save_for_backward(x3, weight, bias, mean, rstd)
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
 
 
 class BatchNormFunction(torch.autograd.Function):
@@ -48,19 +49,19 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, eps, activation, negative_slope):
-        x3 = channels_view(x)
+        x = layout_in_place(x)
         if training:
-            stats = _ops.batch_norm_stats(x3)
+            stats = _ops.batch_norm_stats(x)
             mean, rstd = stats[1], torch.rsqrt(stats[2] / stats[0] + eps)
         else:
             acc = acc_dtype(x.dtype)
             mean, rstd = running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps)
             stats = mean.new_empty((0, x.shape[1]))
-        y3 = _ops.batch_norm_elemt(x3, weight, bias, mean, rstd, activation, negative_slope)
-        _bn_save(ctx, x3, weight, bias, mean, rstd, activation, negative_slope, training)
-        ctx.count = x3.shape[0] * x3.shape[2]
+        y = _ops.batch_norm_elemt(x, weight, bias, mean, rstd, activation, negative_slope)
+        _bn_save(ctx, x, weight, bias, mean, rstd, activation, negative_slope, training)
+        ctx.count = x.shape[0] * math.prod(x.shape[2:])
         ctx.mark_non_differentiable(stats)
-        return y3.view(x.shape), stats
+        return y, stats
 
     @staticmethod
     def backward(ctx, dy, _dstats):
@@ -81,18 +82,18 @@ class SyncBatchNormFunction(torch.autograd.Function):
         import torch.distributed as dist
 
 
-        x3 = channels_view(x)
-        local = _ops.batch_norm_stats(x3)
+        x = layout_in_place(x)
+        local = _ops.batch_norm_stats(x)
         gathered = [torch.empty_like(local) for _ in range(world_size)]
         dist.all_gather(gathered, local, group=process_group)
         count, mean, m2 = chan_combine(*torch.stack(gathered, 1), dim=0)
         rstd = torch.rsqrt(m2 / count + eps)
-        y3 = _ops.batch_norm_elemt(x3, weight, bias, mean, rstd, activation, negative_slope)
-        _bn_save(ctx, x3, weight, bias, mean, rstd, activation, negative_slope, True)
+        y = _ops.batch_norm_elemt(x, weight, bias, mean, rstd, activation, negative_slope)
+        _bn_save(ctx, x, weight, bias, mean, rstd, activation, negative_slope, True)
         ctx.count, ctx.group = count, process_group
         stats = torch.stack([count, mean, m2])
         ctx.mark_non_differentiable(stats)
-        return y3.view(x.shape), stats
+        return y, stats
 
     @staticmethod
     def backward(ctx, dy, _dstats):

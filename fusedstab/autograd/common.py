@@ -1,5 +1,5 @@
 """What every autograd.Function here shares: running backward on the backend its forward ran on, and
-the (N, C, S) / memory-order views the kernels read in place."""
+the layouts the kernels read in place."""
 from __future__ import annotations
 
 import contextlib
@@ -7,6 +7,7 @@ import contextlib
 import torch
 
 from .. import backend
+from ..ops.layout import in_place_layout
 
 
 def remember_backend(ctx) -> None:
@@ -21,14 +22,8 @@ def forward_backend(ctx):
     return backend.use_backend(ctx.backend) if ctx.backend else contextlib.nullcontext()
 
 
-def in_place_layout(x) -> bool:
-    """Contiguous and channels_last(_3d): the layouts the kernels read in place and give back."""
-    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
-    return x.is_contiguous() or (fmt is not None and x.is_contiguous(memory_format=fmt))
-
-
-def channels_view(x):
-    """(N, C, S) view of x (N, C, *): contiguous and channels_last(_3d) inputs stay views (the kernels
-    read them in place with their strides); other layouts are read through a contiguous copy."""
-    x = x if in_place_layout(x) else x.contiguous()
-    return x.unsqueeze(-1) if x.dim() == 2 else x.flatten(2)
+def layout_in_place(x):
+    """x itself when contiguous or channels_last(_3d) (the kernels read it in place and the output keeps
+    its layout), else a contiguous copy. The ops take this tensor in the caller's shape and return
+    outputs of that shape: never a view made here, which autograd would forbid modifying in place."""
+    return x if in_place_layout(x) else x.contiguous()

@@ -24,18 +24,18 @@ def _flat(p):
 
 
 def _forward(ctx, x, residual, normalized_shape, weight, bias, eps, rms):
-    """Shared forward: returns (y, h) with h = x + residual as x's shape, or None without one."""
+    """Shared forward: returns (y, h) with h = x + residual, or None without one, both in x's shape
+    (the op's own outputs, which a user may modify in place)."""
     normalized_shape = tuple(normalized_shape)
     w, b = _flat(weight), _flat(bias)
-    x2 = _rows(x, normalized_shape)
-    r2 = None if residual is None else _rows(residual, normalized_shape)
-    y, h, mean, rstd = _ops.layer_norm_fwd(x2, w, b, r2, eps, rms)
+    y, h, mean, rstd = _ops.layer_norm_fwd(x, w, b, residual, eps, rms, len(normalized_shape))
     remember_backend(ctx)
     ctx.rms, ctx.normalized_shape, ctx.shape = rms, normalized_shape, x.shape
     ctx.dtypes = (x.dtype, None if residual is None else residual.dtype)
-    # Backward needs the normalized h: x itself, or with a residual the h just written.
-    ctx.save_for_backward(x2 if residual is None else h, w, b, mean, rstd)
-    return y.view(x.shape), (None if residual is None else h.view(x.shape))
+    # Backward needs the normalized h: x itself, or with a residual the h just written (an output:
+    # an in-place op on it then raises autograd's version-counter error, as after torch's layer_norm).
+    ctx.save_for_backward(x if residual is None else h, w, b, mean, rstd)
+    return y, h if residual is not None else None
 
 
 def _backward(ctx, dy, dh=None):
@@ -44,7 +44,7 @@ def _backward(ctx, dy, dh=None):
     ns = ctx.normalized_shape
     dh2 = None if dh is None else _rows(dh, ns)
     with forward_backend(ctx):
-        dx, dw, db = _ops.layer_norm_bwd(_rows(dy, ns), h, w, b, mean, rstd, dh2, ctx.rms)
+        dx, dw, db = _ops.layer_norm_bwd(_rows(dy, ns), _rows(h, ns), w, b, mean, rstd, dh2, ctx.rms)
     dx = dx.view(ctx.shape)
     dres = None if ctx.dtypes[1] is None else dx.to(ctx.dtypes[1])
     return (dx.to(ctx.dtypes[0]), dres, None if w is None else dw.view(ns),

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from ..ops.bias_leaky_relu import saves_mask
 from .bias_leaky_relu import saved_for_backward
 from .common import forward_backend, remember_backend
 
@@ -19,21 +20,23 @@ class LinearLeakyReLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, negative_slope):
-        x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
-        y2, mask = _ops.linear_leaky_relu_fwd(x2, weight, bias, negative_slope)
+        y, mask = _ops.linear_leaky_relu_fwd(x, weight, bias, negative_slope)
         remember_backend(ctx)
-        ctx.slope, ctx.x_shape = negative_slope, x.shape
-        ctx.save_for_backward(x2, weight, saved_for_backward(y2, mask, negative_slope))
-        return y2.view(*x.shape[:-1], weight.shape[0])
+        ctx.slope = negative_slope
+        ctx.save_for_backward(x, weight, saved_for_backward(y, mask, negative_slope))
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, saved = ctx.saved_tensors
+        x, weight, saved = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        N = weight.shape[0]
+        M, N = math.prod(x.shape[:-1]), weight.shape[0]
+        x2 = x.reshape(M, x.shape[-1])
+        if not saves_mask(ctx.slope):
+            saved = saved.view(M, N)
         with forward_backend(ctx):
-            dz, db = _ops.bias_leaky_relu_bwd(dy.reshape(x2.shape[0], N), saved, ctx.slope, False, N, x2.dtype,
+            dz, db = _ops.bias_leaky_relu_bwd(dy.reshape(M, N), saved, ctx.slope, False, N, x.dtype,
                                               need_x or need_w, need_b)
-        dx = (dz @ weight).view(ctx.x_shape) if need_x else None
+        dx = (dz @ weight).view(x.shape) if need_x else None
         dw = dz.t() @ x2 if need_w else None
-        return dx, dw, db.to(x2.dtype) if need_b else None, None
+        return dx, dw, db.to(x.dtype) if need_b else None, None

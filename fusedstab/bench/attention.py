@@ -7,7 +7,7 @@ B*H*L = 16K*16 (token, head) pairs (FlashAttention's benchmark keeps B*L fixed t
 are (B, L, H, E) contiguous, as a projection writes them; torch and fusedstab take their (B, H, L, E)
 views (transpose(1, 2): no copy), flash-attn takes them as they are. q and k are N(0, 1), so with
 scale 1/sqrt(E) the scores are about N(0, 1). CPU: one tiny fp32 shape (B=1, H=2, L=128, E=64) with
-eager and fusedstab only: its times say nothing about a GPU.
+eager and fusedstab only: its times say nothing about a GPU. ``--tiny``: one causal 40-token case.
 
 FLOPs (rows report TFLOP/s), the issue's convention, which is FlashAttention's:
   fwd      4*B*H*L*S*E  (two matmuls, q k^T and p v, 2 FLOPs a multiply-add), halved when causal
@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .case import Case, Config, Provider, randn_inputs
+from .case import Case, Config, Provider, dtype_name, elt_size, randn_inputs
 from .providers import fusedstab_providers
 
 HEADS = 16
@@ -62,7 +62,7 @@ HEAD_DIMS = (64, 128)
 # (B, H, L, E) off the GPU sweep; CPU quick fits the Triton interpreter (providers.INTERPRET_MAX_ELEMS).
 CPU_QUICK = ((1, 2, 128, 64),)
 CPU_FULL = ((1, 2, 128, 64), (2, 4, 512, 64))
-SMOKE = ((1, 2, 40, 16),)  # 40: crosses the interpreter's 16-wide blocks with a ragged tail
+TINY = ((1, 2, 40, 16),)  # 40: crosses the interpreter's 16-wide blocks with a ragged tail
 
 # Where a provider that materializes the L x S scores is left out (B*H*L*S*4 bytes above this).
 MATH_MAX_SCORE_BYTES = 8 << 30
@@ -88,9 +88,9 @@ def bytes_model(B: int, H: int, L: int, S: int, E: int, e: int) -> dict[str, int
 
 def shapes(cfg: Config) -> list[tuple[int, int, int, int, bool]]:
     """(B, H, L, E, causal) per case."""
-    if cfg.smoke:
-        base = SMOKE
-    elif cfg.device == "cpu":
+    if cfg.tiny:
+        return [(*TINY[0], True)]  # causal only: the masked path (the interpreter is slow)
+    if cfg.device == "cpu":
         base = CPU_QUICK if cfg.quick else CPU_FULL
     else:
         seqs = SEQ_QUICK_GPU if cfg.quick else SEQ_FULL
@@ -147,7 +147,7 @@ def _providers(cfg: Config, B: int, H: int, L: int, E: int, causal: bool) -> tup
             # eager's backends, so the traced aten op is the same flash kernel.
             provs["compile"] = Provider(torch.compile(eager, fullgraph=True, dynamic=False), eager_ctx)
         else:
-            skipped["compile"] = "torch.compile left out (--no-compile or --smoke)"
+            skipped["compile"] = "torch.compile left out (--no-compile or --tiny)"
         for name, backend in SDPA_BACKENDS.items():
             why = _sdpa_unavailable(backend, cfg.dtype, E, causal)
             if why is None and backend == SDPBackend.MATH and scores > MATH_MAX_SCORE_BYTES:
@@ -173,13 +173,15 @@ def _providers(cfg: Config, B: int, H: int, L: int, E: int, causal: bool) -> tup
 
 
 def attention(cfg: Config) -> list[Case]:
-    e = torch.empty((), dtype=cfg.dtype).element_size()
+    e = elt_size(cfg.dtype)
     cases = []
     for B, H, L, E, causal in shapes(cfg):
         provs, skipped = _providers(cfg, B, H, L, E, causal)
-        params = {"B": B, "H": H, "L": L, "E": E, "causal": causal, "dtype": str(cfg.dtype).removeprefix("torch.")}
+        params = {"B": B, "H": H, "L": L, "E": E, "causal": causal, "dtype": dtype_name(cfg.dtype)}
         shape = (B, L, H, E)
         make = functools.partial(randn_inputs, [shape] * 3, cfg.dtype, cfg.device, [shape])
         cases.append(Case("attention", params, make, provs, bytes_model(B, H, L, L, E, e),
-                          flops=attention_flops(B, H, L, L, E, causal), skipped=skipped))
+                          flops=attention_flops(B, H, L, L, E, causal), skipped=skipped,
+                          desc=f"{B} x {H} x {L} x {E}" + (", causal" if causal else ""), x=L,
+                          series=f"E={E}" + (", causal" if causal else "")))
     return cases

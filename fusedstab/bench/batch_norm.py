@@ -8,7 +8,7 @@ Shapes (bf16 x on a GPU): ResNet-50's BN after a 256-channel stage-1 conv at bat
 shape comes in both memory formats (dy in x's layout); every shape with activation None, "relu" and
 "silu" (eager: F.batch_norm, then F.relu / F.silu). Fixed shapes, as group_norm.py: ``--size-mib``
 does not change them. CPU quick: 4x16x16x16, 4x64x32x32 and 512x64 (the first and last fit the Triton
-interpreter); ``--smoke``: three tiny cases, one per layout, each activation once.
+interpreter); ``--tiny``: three tiny cases, one per layout, each activation once.
 
 Providers: ``eager`` (F.batch_norm with training=True; in bf16 torch takes its native CUDA kernels, not
 cuDNN: ATen sends only fp32, and fp16 with fp32 weights, 3-D+ input to cuDNN), ``compile`` (torch.compile
@@ -35,7 +35,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .case import Case, Config, randn_inputs
+from .case import ACT_SUFFIX, LAYOUT_NAME, Case, Config, dtype_name, elt_size, randn_inputs
 from .providers import fusedstab_providers, torch_providers
 
 EPS = 1e-5
@@ -51,14 +51,14 @@ QUICK_GPU_2D = FULL_2D
 # CPU quick: the first 4-D and the 2-D shape fit the Triton interpreter (providers.INTERPRET_MAX_ELEMS).
 CPU_QUICK_4D = ((4, 16, 16, 16), (4, 64, 32, 32))
 CPU_QUICK_2D = ((512, 64),)
-# Smoke: one case per layout, each activation once (NCHW runs slowly in the Triton interpreter).
-SMOKE = (((2, 8, 5, 6), "nchw", None), ((2, 8, 5, 6), "channels_last", "silu"), ((16, 8), "nc", "relu"))
+# Tiny: one case per layout, each activation once (NCHW runs slowly in the Triton interpreter).
+TINY = (((2, 8, 5, 6), "nchw", None), ((2, 8, 5, 6), "channels_last", "silu"), ((16, 8), "nc", "relu"))
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last, "nc": torch.contiguous_format}
 
 
 def shapes(cfg: Config) -> list[tuple[int, ...]]:
-    if cfg.smoke:
-        return list(dict.fromkeys(shape for shape, _, _ in SMOKE))
+    if cfg.tiny:
+        return list(dict.fromkeys(shape for shape, _, _ in TINY))
     if cfg.device == "cpu" and cfg.quick:
         return [*CPU_QUICK_4D, *CPU_QUICK_2D]
     if cfg.quick:
@@ -68,8 +68,8 @@ def shapes(cfg: Config) -> list[tuple[int, ...]]:
 
 def variants(cfg: Config) -> list[tuple[tuple[int, ...], str, str | None]]:
     """(shape, layout, activation) per case: 4-D shapes in both layouts, every activation."""
-    if cfg.smoke:
-        return list(SMOKE)
+    if cfg.tiny:
+        return list(TINY)
     return [(shape, layout, act) for shape in shapes(cfg)
             for layout in (("nchw", "channels_last") if len(shape) == 4 else ("nc",)) for act in ACTS]
 
@@ -88,7 +88,7 @@ def _inputs(shape, fmt, dtype, device):
 
 
 def batch_norm(cfg: Config) -> list[Case]:
-    elt = torch.empty((), dtype=cfg.dtype).element_size()
+    elt = elt_size(cfg.dtype)
     out = []
     for shape, layout, act in variants(cfg):
         C, numel = shape[1], math.prod(shape)
@@ -106,7 +106,9 @@ def batch_norm(cfg: Config) -> list[Case]:
         provs.update(fp)
         skipped.update(fs)
         params = {"shape": "x".join(map(str, shape)), "layout": layout, "act": act or "none",
-                  "dtype": str(cfg.dtype).removeprefix("torch.")}
+                  "dtype": dtype_name(cfg.dtype)}
+        desc = " ".join(filter(None, ["x".join(map(str, shape)), LAYOUT_NAME[layout]])) + ACT_SUFFIX[act]
         make = functools.partial(_inputs, shape, FORMATS[layout], cfg.dtype, cfg.device)
-        out.append(Case("batch_norm", params, make, provs, bytes_model(numel, C, elt, elt), skipped=skipped))
+        out.append(Case("batch_norm", params, make, provs, bytes_model(numel, C, elt, elt), skipped=skipped,
+                        desc=desc))
     return out

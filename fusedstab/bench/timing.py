@@ -1,4 +1,5 @@
-"""Timers (CUDA: triton's do_bench; CPU: perf_counter median) and the copy-bandwidth yardstick."""
+"""Timers (CUDA: triton's do_bench; CPU: perf_counter median) and two yardsticks measured in the same
+run: the copy bandwidth (memory-bound ops) and a matmul's TFLOP/s (compute-bound ops)."""
 from __future__ import annotations
 
 import statistics
@@ -39,6 +40,16 @@ def time_ms(thunk: Callable, device: str, quick: bool = False) -> float:
     return _cpu_time_ms(thunk, reps=5 if quick else 9)
 
 
+def once_ms(thunk: Callable, device: str) -> tuple[float, object]:
+    """One call's milliseconds and its result (``--tiny``: checks that a provider runs, times nothing)."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    out = thunk()
+    sync()
+    return (time.perf_counter() - t0) * 1e3, out
+
+
 def _cpu_time_ms(thunk: Callable, reps: int, budget_s: float = 1.0) -> float:
     thunk()  # warm-up (first call may compile)
     times = []
@@ -59,3 +70,13 @@ def copy_bandwidth(device: str, mib: int) -> dict:
     nbytes = 2 * src.numel() * src.element_size()
     del src, dst
     return {"gbps": nbytes / ms / 1e6, "ms": ms, "bytes": nbytes, "buffer_mib": mib}
+
+
+def matmul_peak(device: str, dtype: torch.dtype, n: int) -> dict:
+    """TFLOP/s of one square ``n`` x ``n`` matmul in ``dtype`` (cuBLAS / the CPU BLAS): the practical
+    ceiling for the compute-bound ops (attention, Linear + Leaky ReLU)."""
+    g = torch.Generator(device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    ms = time_ms(lambda: a @ b, device, quick=True)
+    return {"tflops": 2 * n ** 3 / ms / 1e9, "ms": ms, "n": n, "dtype": str(dtype).removeprefix("torch.")}

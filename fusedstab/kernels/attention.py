@@ -18,11 +18,18 @@ of the scaled, masked scores in the NATURAL log, fp32 (B, Hq, L) contiguous. Ful
 probabilities" (p = 0), so such a row gets dq = 0, adds nothing to dk/dv (or dmask), and no NaN
 appears anywhere.
 
-Dropout (on the probabilities, kept ones scaled by 1 / (1 - p); p == 1 gives zeros): keep(b, h, i, j)
-= tl.rand(seed, offset + ((b * Hq + h) * L + i) * S + j) >= p, i.e. Philox (counter-based, 64-bit
-counter) on a unique index of each (batch, query head, query, key) element, so the backward
-regenerates exactly the forward's mask whatever the block sizes; a caller advancing ``offset`` by
-B * Hq * L * S per call never reuses a counter. lse is that of the probabilities before dropout.
+Dropout (on the probabilities, kept ones scaled by 1 / (1 - p); p == 1 gives zeros): element (b, h, i,
+j) is kept iff word j % 4 of Philox4x32-10(key = seed, counter = (j // 4, i, b * Hq + h, offset)),
+shifted right by 8, is >= round(p * 2^24) (``_keep_tile``): one Philox call per four keys, all its
+arithmetic 32-bit, and the backward regenerates exactly the forward's mask whatever the block sizes.
+Calls with different ``offset`` (mod 2^32) or ``seed`` get independent masks. lse is that of the
+probabilities before dropout.
+
+Short query lengths (decoding: fewer (batch, head, query block) programs than SMs): the forward splits
+each program's keys over up to 128 programs (split-KV, flash-decoding) whose normalized partial o and
+lse (fp32) one more kernel merges. GQA / MQA backward: the dk/dv kernel's loop over the query heads of
+a kv head is split over programs when its grid (key blocks x B x Hkv) is smaller than the GPU, and the
+fp32 partials are summed in a fixed order.
 
 Backward (FlashAttention-2): delta = rowsum(do * o) (fp32); a kernel over query blocks computes dq
 and, on request, the gradient of an additive mask dS = P * (dP - delta) as a full fp32 (B, Hq, L, S)
@@ -45,6 +52,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from .common import gpu_of
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -78,9 +87,20 @@ def _masked_scores(s, i2, j2, MASK, smm, smn, L, S, CAUSAL: tl.constexpr, MASK_K
 
 
 @triton.jit
-def _keep(seed, offset, bh, L, S, i2, j2, dropout_p):
-    """The dropout keep mask: Philox on the element's unique index (b * Hq + h, i, j)."""
-    return tl.rand(seed, offset + (bh * L + i2) * S + j2) >= dropout_p
+def _keep_tile(seed, offset, bh, rows, n0, drop_thresh, BLOCK_N: tl.constexpr):
+    """The dropout keep mask of query rows ``rows`` (i) and keys n0 .. n0 + BLOCK_N (j), as a
+    (len(rows), BLOCK_N) tile. Philox4x32-10 keyed by the 64-bit seed, on the counter (j // 4, i,
+    b * Hq + h, offset) of four 32-bit words, gives four 32-bit outputs: one per key of the quad
+    (output j % 4), so a call serves four elements and no index arithmetic is 64-bit. Kept iff
+    output >> 8 >= drop_thresh = round(p * 2^24). n0 is a multiple of 4 and the counter names the
+    element, so the forward and both backward kernels regenerate the same mask whatever their blocks."""
+    quad = n0 // 4 + tl.arange(0, BLOCK_N // 4)
+    i = rows.to(tl.int32)
+    c0 = quad[None, :] + 0 * i[:, None]
+    c1 = i[:, None] + 0 * quad[None, :]
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, (bh + 0 * i[:, None]).to(tl.int32), (offset + 0 * i[:, None]).to(tl.int32))
+    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (rows.shape[0], BLOCK_N))  # key 4q + k: output k
+    return (r >> 8).to(tl.int32, bitcast=True) >= drop_thresh
 
 
 @triton.jit
@@ -94,11 +114,11 @@ def _pid_split(pid, n_blocks, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _query_block(Q, sqb, sqh, sqm, sqe, Hq, L, E, GROUPS, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+def _query_block(Q, pid, sqb, sqh, sqm, sqe, Hq, L, E, GROUPS, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_E: tl.constexpr):
     """This program's block of queries (forward and dq kernels): (b, h, its kv head, b * Hq + h, first
     row, rows, rows as int64, row mask, the q tile)."""
-    pid_m, bh = _pid_split(tl.program_id(0), tl.cdiv(L, BLOCK_M), CAUSAL)
+    pid_m, bh = _pid_split(pid, tl.cdiv(L, BLOCK_M), CAUSAL)
     b = (bh // Hq).to(tl.int64)
     h = (bh % Hq).to(tl.int64)
     m0 = pid_m * BLOCK_M
@@ -136,7 +156,7 @@ def _pdot(a, b, acc, SPLIT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
 # ----------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_step(acc, l_i, m_i, q, K_bh, V_bh, MASK, offs_m, n0, bh, L, S, E, EV,
-              skn, ske, svn, sve, smm, smn, qk_scale, dropout_p, drop_scale, seed, offset,
+              skn, ske, svn, sve, smm, smn, qk_scale, drop_thresh, drop_scale, seed, offset,
               CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, BOUNDARY: tl.constexpr,
               DROPOUT: tl.constexpr, SPLIT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
               ACC_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr):
@@ -161,7 +181,7 @@ def _fwd_step(acc, l_i, m_i, q, K_bh, V_bh, MASK, offs_m, n0, bh, L, S, E, EV,
     p = tl.exp2(s - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:
-        p = tl.where(_keep(seed, offset, bh, L, S, i2, j2, dropout_p), p * drop_scale, 0.0)
+        p = tl.where(_keep_tile(seed, offset, bh, offs_m, n0, drop_thresh, BLOCK_N), p * drop_scale, 0.0)
     acc = _pdot(p, v, acc * alpha[:, None], SPLIT, INPUT_PRECISION)
     return acc, l_i, m_new
 
@@ -169,14 +189,20 @@ def _fwd_step(acc, l_i, m_i, q, K_bh, V_bh, MASK, offs_m, n0, bh, L, S, E, EV,
 @triton.jit(do_not_specialize=["seed", "offset"])
 def _attn_fwd_kernel(Q, K, V, MASK, O, LSE,
                      sqb, sqh, sqm, sqe, skb, skh, skn, ske, svb, svh, svn, sve,
-                     smb, smh, smm, smn, sob, soh, som, soe,
-                     Hq, L, S, E, EV, GROUPS, qk_scale, dropout_p, drop_scale, seed, offset,
+                     smb, smh, smm, smn, sob, soh, som, soe, so_split, slse_split, KV_SPLIT,
+                     Hq, L, S, E, EV, GROUPS, qk_scale, drop_thresh, drop_scale, seed, offset,
                      CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
                      SPLIT: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_T: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr):
-    b, h, hk, bh, m0, offs_m, m64, rmask, q = _query_block(Q, sqb, sqh, sqm, sqe, Hq, L, E, GROUPS, CAUSAL,
-                                                           BLOCK_M, BLOCK_E)
+    # Split-KV (flash-decoding, KV_SPLIT > 1): program (query block, split) attends to key blocks
+    # split, split + KV_SPLIT, ... only (the online softmax takes them in any order) and writes its
+    # own normalized o and lse to fp32 partials (so_split, slse_split apart), which
+    # _split_kv_combine_kernel merges.
+    pid = tl.program_id(0)
+    split = pid % KV_SPLIT
+    b, h, hk, bh, m0, offs_m, m64, rmask, q = _query_block(Q, pid // KV_SPLIT, sqb, sqh, sqm, sqe, Hq, L, E,
+                                                           GROUPS, CAUSAL, BLOCK_M, BLOCK_E)
     offs_ev = tl.arange(0, BLOCK_EV)
     K_bh = K + b * skb + hk * skh
     V_bh = V + b * svb + hk * svh
@@ -188,23 +214,61 @@ def _attn_fwd_kernel(Q, K, V, MASK, O, LSE,
     l_i = tl.zeros([BLOCK_M], ACC_T)
     acc = tl.zeros([BLOCK_M, BLOCK_EV], ACC_T)
     full_end, hi = _key_range(m0, S, CAUSAL, BLOCK_M, BLOCK_N)
-    for n0 in range(0, full_end, BLOCK_N):
+    # key blocks split, split + KV_SPLIT, ... (all of them when KV_SPLIT == 1): first those below
+    # full_end (no causal or tail mask), then this split's first block at or past full_end onwards
+    step = KV_SPLIT * BLOCK_N
+    for n0 in range(split * BLOCK_N, full_end, step):
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K_bh, V_bh,
                                   MASK_bh, offs_m, n0, bh, L, S, E, EV, skn, ske, svn, sve, smm, smn,
-                                  qk_scale, dropout_p, drop_scale, seed, offset, CAUSAL, MASK_KIND, False,
+                                  qk_scale, drop_thresh, drop_scale, seed, offset, CAUSAL, MASK_KIND, False,
                                   DROPOUT, SPLIT, INPUT_PRECISION, ACC_T, BLOCK_N, BLOCK_E, BLOCK_EV)
-    for n0 in range(full_end, hi, BLOCK_N):
+    fb = full_end // BLOCK_N
+    for n0 in range((fb + (split - fb % KV_SPLIT + KV_SPLIT) % KV_SPLIT) * BLOCK_N, hi, step):
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K_bh, V_bh,
                                   MASK_bh, offs_m, n0, bh, L, S, E, EV, skn, ske, svn, sve, smm, smn,
-                                  qk_scale, dropout_p, drop_scale, seed, offset, CAUSAL, MASK_KIND, True,
+                                  qk_scale, drop_thresh, drop_scale, seed, offset, CAUSAL, MASK_KIND, True,
                                   DROPOUT, SPLIT, INPUT_PRECISION, ACC_T, BLOCK_N, BLOCK_E, BLOCK_EV)
     empty = l_i == 0.0  # fully masked row: o = 0, lse = -inf
     l_safe = tl.where(empty, 1.0, l_i)
     o = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
-    tl.store(O + b * sob + h * soh + m64[:, None] * som + offs_ev[None, :] * soe, o.to(O.dtype.element_ty),
-             mask=rmask[:, None] & (offs_ev < EV)[None, :])
-    tl.store(LSE + bh * L + m64, lse, mask=rmask)
+    split64 = split.to(tl.int64)
+    tl.store(O + split64 * so_split + b * sob + h * soh + m64[:, None] * som + offs_ev[None, :] * soe,
+             o.to(O.dtype.element_ty), mask=rmask[:, None] & (offs_ev < EV)[None, :])
+    tl.store(LSE + split64 * slse_split + bh * L + m64, lse, mask=rmask)
+
+
+@triton.jit
+def _split_kv_combine_kernel(OP, LSEP, O, LSE, BHL, Hq, L, EV, KV_SPLIT, sob, soh, som, soe,
+                             BLOCK_M: tl.constexpr, BLOCK_EV: tl.constexpr, SPLIT_P2: tl.constexpr):
+    """o and lse of BLOCK_M (batch, head, query) rows from the KV_SPLIT partials of the split-KV
+    forward (OP (KV_SPLIT, BHL, EV) fp32 normalized, LSEP (KV_SPLIT, BHL) natural log):
+    lse = log(sum_k exp(lse_k)), o = sum_k exp(lse_k - lse) o_k, in split order; -inf and 0 where
+    every split saw no key."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < BHL
+    k = tl.arange(0, SPLIT_P2)
+    lse_k = tl.load(LSEP + k.to(tl.int64)[:, None] * BHL + rows[None, :],
+                    mask=(k < KV_SPLIT)[:, None] & rmask[None, :], other=float("-inf"))
+    m = tl.max(lse_k, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    den = tl.sum(tl.exp(lse_k - m[None, :]), axis=0)
+    offs_ev = tl.arange(0, BLOCK_EV)
+    emask = rmask[:, None] & (offs_ev < EV)[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_EV], OP.dtype.element_ty)
+    for s in range(0, KV_SPLIT):
+        s64 = tl.cast(s, tl.int64)
+        w = tl.exp(tl.load(LSEP + s64 * BHL + rows, mask=rmask, other=float("-inf")) - m)
+        o_s = tl.load(OP + (s64 * BHL + rows)[:, None] * EV + offs_ev[None, :], mask=emask, other=0.0)
+        acc += w[:, None] * o_s
+    empty = den == 0.0
+    o = acc / tl.where(empty, 1.0, den)[:, None]
+    b = rows // (Hq * L)
+    h = (rows // L) % Hq
+    i = rows % L
+    tl.store(O + b[:, None] * sob + h[:, None] * soh + i[:, None] * som + offs_ev[None, :] * soe,
+             o.to(O.dtype.element_ty), mask=emask)
+    tl.store(LSE + rows, tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, den))), mask=rmask)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -232,11 +296,12 @@ def _lse2(LSE_bh, offs_m, L):
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, DELTA_bh, MASK, offs_n, m0, bh, L, S, E, EV,
-               sqm, sqe, sdm, sde, smm, smn, qk_scale, dropout_p, drop_scale, seed, offset,
+def _dkdv_step(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, DELTA_bh, MASK, n0, offs_n, m0, bh, L, S, E, EV,
+               sqm, sqe, sdm, sde, smm, smn, qk_scale, drop_thresh, drop_scale, seed, offset,
                CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, BOUNDARY: tl.constexpr,
                DROPOUT: tl.constexpr, SPLIT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-               ACC_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr):
+               ACC_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+               BLOCK_EV: tl.constexpr):
     # Transposed orientation: tiles are (keys, queries).
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_e = tl.arange(0, BLOCK_E)
@@ -259,7 +324,7 @@ def _dkdv_step(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, DELTA_bh, MASK, offs_n, m0, bh
     pT = tl.where(valid, tl.exp2(sT - lse2[None, :]), 0.0)
     dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION, out_dtype=ACC_T)
     if DROPOUT:
-        keep = _keep(seed, offset, bh, L, S, i2, j2, dropout_p)
+        keep = tl.trans(_keep_tile(seed, offset, bh, offs_m, n0, drop_thresh, BLOCK_N))
         pdT = tl.where(keep, pT * drop_scale, 0.0)
         dpT = tl.where(keep, dpT * drop_scale, 0.0)
     else:
@@ -274,13 +339,19 @@ def _dkdv_step(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, DELTA_bh, MASK, offs_n, m0, bh
 def _attn_bwd_dkdv_kernel(Q, K, V, MASK, DO, LSE, DELTA, DK, DV,
                           sqb, sqh, sqm, sqe, skb, skh, skn, ske, svb, svh, svn, sve,
                           smb, smh, smm, smn, sdb, sdh, sdm, sde,
-                          sdkb, sdkh, sdkn, sdke, sdvb, sdvh, sdvn, sdve,
-                          Hq, Hkv, L, S, E, EV, GROUPS, qk_scale, sm_scale, dropout_p, drop_scale, seed, offset,
+                          sdkb, sdkh, sdkn, sdke, sdvb, sdvh, sdvn, sdve, sdk_split, sdv_split,
+                          Hq, Hkv, L, S, E, EV, GROUPS, GSPLIT, qk_scale, sm_scale, drop_thresh, drop_scale, seed,
+                          offset,
                           CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
                           SPLIT: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_T: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr):
-    pid_n, bhk = _pid_split(tl.program_id(0), tl.cdiv(S, BLOCK_N), False)
+    # Program (key block, query-head split gs, b * Hkv + kv head): split gs takes query heads gs,
+    # gs + GSPLIT, ... of the kv head's group and writes its own (GSPLIT, ...) fp32 partial of dk, dv
+    # (summed afterwards in a fixed order), so that MQA / GQA at batch 1 still fills the GPU.
+    pid_n, rest = _pid_split(tl.program_id(0), tl.cdiv(S, BLOCK_N), False)
+    gs = rest % GSPLIT
+    bhk = rest // GSPLIT
     b = (bhk // Hkv).to(tl.int64)
     hk = (bhk % Hkv).to(tl.int64)
     n0 = pid_n * BLOCK_N
@@ -304,7 +375,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, MASK, DO, LSE, DELTA, DK, DV,
     else:
         m_start = 0
         full_start = 0
-    for g in range(0, GROUPS):
+    for g in range(gs, GROUPS, GSPLIT):
         h = hk * GROUPS + g
         bh = b * Hq + h
         Q_bh = Q + b * sqb + h * sqh
@@ -316,24 +387,25 @@ def _attn_bwd_dkdv_kernel(Q, K, V, MASK, DO, LSE, DELTA, DK, DV,
             MASK_bh = MASK + b * smb + h * smh
         for m0 in range(m_start, full_start, BLOCK_M):
             dk, dv = _dkdv_step(dk, dv, k, v, Q_bh, DO_bh,
-                                LSE_bh, DELTA_bh, MASK_bh, offs_n, m0, bh, L, S, E, EV, sqm, sqe, sdm, sde,
-                                smm, smn, qk_scale, dropout_p, drop_scale, seed, offset, CAUSAL, MASK_KIND,
-                                True, DROPOUT, SPLIT, INPUT_PRECISION, ACC_T, BLOCK_M, BLOCK_E, BLOCK_EV)
+                                LSE_bh, DELTA_bh, MASK_bh, n0, offs_n, m0, bh, L, S, E, EV, sqm, sqe, sdm, sde,
+                                smm, smn, qk_scale, drop_thresh, drop_scale, seed, offset, CAUSAL, MASK_KIND,
+                                True, DROPOUT, SPLIT, INPUT_PRECISION, ACC_T, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_EV)
         for m0 in range(full_start, L, BLOCK_M):
             dk, dv = _dkdv_step(dk, dv, k, v, Q_bh, DO_bh,
-                                LSE_bh, DELTA_bh, MASK_bh, offs_n, m0, bh, L, S, E, EV, sqm, sqe, sdm, sde,
-                                smm, smn, qk_scale, dropout_p, drop_scale, seed, offset, CAUSAL, MASK_KIND,
-                                False, DROPOUT, SPLIT, INPUT_PRECISION, ACC_T, BLOCK_M, BLOCK_E, BLOCK_EV)
+                                LSE_bh, DELTA_bh, MASK_bh, n0, offs_n, m0, bh, L, S, E, EV, sqm, sqe, sdm, sde,
+                                smm, smn, qk_scale, drop_thresh, drop_scale, seed, offset, CAUSAL, MASK_KIND,
+                                False, DROPOUT, SPLIT, INPUT_PRECISION, ACC_T, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_EV)
     dk = dk * sm_scale
-    tl.store(DK + b * sdkb + hk * sdkh + n64[:, None] * sdkn + offs_e[None, :] * sdke, dk.to(DK.dtype.element_ty),
-             mask=cols[:, None] & (offs_e < E)[None, :])
-    tl.store(DV + b * sdvb + hk * sdvh + n64[:, None] * sdvn + offs_ev[None, :] * sdve, dv.to(DV.dtype.element_ty),
-             mask=cols[:, None] & (offs_ev < EV)[None, :])
+    gs64 = gs.to(tl.int64)
+    tl.store(DK + gs64 * sdk_split + b * sdkb + hk * sdkh + n64[:, None] * sdkn + offs_e[None, :] * sdke,
+             dk.to(DK.dtype.element_ty), mask=cols[:, None] & (offs_e < E)[None, :])
+    tl.store(DV + gs64 * sdv_split + b * sdvb + hk * sdvh + n64[:, None] * sdvn + offs_ev[None, :] * sdve,
+             dv.to(DV.dtype.element_ty), mask=cols[:, None] & (offs_ev < EV)[None, :])
 
 
 @triton.jit
 def _dq_step(dq, dsum, q, do, lse2, delta, K_bh, V_bh, MASK, DMASK_bh, offs_m, n0, bh, L, S, E, EV,
-             skn, ske, svn, sve, smm, smn, qk_scale, dropout_p, drop_scale, seed, offset,
+             skn, ske, svn, sve, smm, smn, qk_scale, drop_thresh, drop_scale, seed, offset,
              CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, BOUNDARY: tl.constexpr,
              DROPOUT: tl.constexpr, STORE_DMASK: tl.constexpr, DELTA_PASS: tl.constexpr, SPLIT: tl.constexpr,
              INPUT_PRECISION: tl.constexpr, ACC_T: tl.constexpr,
@@ -357,7 +429,7 @@ def _dq_step(dq, dsum, q, do, lse2, delta, K_bh, V_bh, MASK, DMASK_bh, offs_m, n
     p = tl.exp2(s - lse2[:, None])
     dp = tl.dot(do, vT, input_precision=INPUT_PRECISION, out_dtype=ACC_T)
     if DROPOUT:
-        dp = tl.where(_keep(seed, offset, bh, L, S, i2, j2, dropout_p), dp * drop_scale, 0.0)
+        dp = tl.where(_keep_tile(seed, offset, bh, offs_m, n0, drop_thresh, BLOCK_N), dp * drop_scale, 0.0)
     if DELTA_PASS:
         dsum += tl.sum(p * dp, 1)
     else:
@@ -372,14 +444,14 @@ def _dq_step(dq, dsum, q, do, lse2, delta, K_bh, V_bh, MASK, DMASK_bh, offs_m, n
 def _attn_bwd_dq_kernel(Q, K, V, MASK, DO, LSE, DELTA, DQ, DMASK,
                         sqb, sqh, sqm, sqe, skb, skh, skn, ske, svb, svh, svn, sve,
                         smb, smh, smm, smn, sdb, sdh, sdm, sde, sdqb, sdqh, sdqm, sdqe,
-                        Hq, L, S, E, EV, GROUPS, qk_scale, sm_scale, dropout_p, drop_scale, seed, offset,
+                        Hq, L, S, E, EV, GROUPS, qk_scale, sm_scale, drop_thresh, drop_scale, seed, offset,
                         CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
                         STORE_DMASK: tl.constexpr, EXACT_DELTA: tl.constexpr, SPLIT: tl.constexpr,
                         INPUT_PRECISION: tl.constexpr, ACC_T: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr):
-    b, h, hk, bh, m0, offs_m, m64, rmask, q = _query_block(Q, sqb, sqh, sqm, sqe, Hq, L, E, GROUPS, CAUSAL,
-                                                           BLOCK_M, BLOCK_E)
+    b, h, hk, bh, m0, offs_m, m64, rmask, q = _query_block(Q, tl.program_id(0), sqb, sqh, sqm, sqe, Hq, L, E,
+                                                           GROUPS, CAUSAL, BLOCK_M, BLOCK_E)
     offs_e = tl.arange(0, BLOCK_E)
     offs_ev = tl.arange(0, BLOCK_EV)
     do = tl.load(DO + b * sdb + h * sdh + m64[:, None] * sdm + offs_ev[None, :] * sde,
@@ -401,12 +473,12 @@ def _attn_bwd_dq_kernel(Q, K, V, MASK, DO, LSE, DELTA, DQ, DMASK,
         # than rowsum(do * o) from the rounded o; stored for the dk/dv kernel, which runs after this one.
         for n0 in range(0, full_end, BLOCK_N):
             dq, delta = _dq_step(dq, delta, q, do, lse2, delta, K_bh, V_bh, MASK_bh, DMASK_bh, offs_m, n0, bh,
-                                 L, S, E, EV, skn, ske, svn, sve, smm, smn, qk_scale, dropout_p, drop_scale,
+                                 L, S, E, EV, skn, ske, svn, sve, smm, smn, qk_scale, drop_thresh, drop_scale,
                                  seed, offset, CAUSAL, MASK_KIND, False, DROPOUT, False, True, SPLIT,
                                  INPUT_PRECISION, ACC_T, BLOCK_N, BLOCK_E, BLOCK_EV)
         for n0 in range(full_end, hi, BLOCK_N):
             dq, delta = _dq_step(dq, delta, q, do, lse2, delta, K_bh, V_bh, MASK_bh, DMASK_bh, offs_m, n0, bh,
-                                 L, S, E, EV, skn, ske, svn, sve, smm, smn, qk_scale, dropout_p, drop_scale,
+                                 L, S, E, EV, skn, ske, svn, sve, smm, smn, qk_scale, drop_thresh, drop_scale,
                                  seed, offset, CAUSAL, MASK_KIND, True, DROPOUT, False, True, SPLIT,
                                  INPUT_PRECISION, ACC_T, BLOCK_N, BLOCK_E, BLOCK_EV)
         tl.store(DELTA + bh * L + offs_m, delta.to(DELTA.dtype.element_ty), mask=rmask)
@@ -417,12 +489,12 @@ def _attn_bwd_dq_kernel(Q, K, V, MASK, DO, LSE, DELTA, DQ, DMASK,
         delta = tl.load(DELTA + bh * L + offs_m, mask=rmask, other=0.0).to(ACC_T)
     for n0 in range(0, full_end, BLOCK_N):
         dq, delta = _dq_step(dq, delta, q, do, lse2, delta, K_bh, V_bh, MASK_bh, DMASK_bh, offs_m, n0, bh,
-                             L, S, E, EV, skn, ske, svn, sve, smm, smn, qk_scale, dropout_p, drop_scale,
+                             L, S, E, EV, skn, ske, svn, sve, smm, smn, qk_scale, drop_thresh, drop_scale,
                              seed, offset, CAUSAL, MASK_KIND, False, DROPOUT, STORE_DMASK, False, SPLIT,
                              INPUT_PRECISION, ACC_T, BLOCK_N, BLOCK_E, BLOCK_EV)
     for n0 in range(full_end, hi, BLOCK_N):
         dq, delta = _dq_step(dq, delta, q, do, lse2, delta, K_bh, V_bh, MASK_bh, DMASK_bh, offs_m, n0, bh,
-                             L, S, E, EV, skn, ske, svn, sve, smm, smn, qk_scale, dropout_p, drop_scale,
+                             L, S, E, EV, skn, ske, svn, sve, smm, smn, qk_scale, drop_thresh, drop_scale,
                              seed, offset, CAUSAL, MASK_KIND, True, DROPOUT, STORE_DMASK, False, SPLIT,
                              INPUT_PRECISION, ACC_T, BLOCK_N, BLOCK_E, BLOCK_EV)
     dq = dq * sm_scale
@@ -470,10 +542,11 @@ def _config(kind: str, head_block: int, dtype: torch.dtype, device: torch.device
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one kernel: the table row; 32 x 32 tiles for fp32
     (larger ones spill); 8 warps under dropout (Philox's state on a 128 x 64 tile spills at 4); blocks
     no longer than the sequences."""
-    if _interpret() or device.type != "cuda":
+    gpu = gpu_of(device)
+    if gpu is None:  # the interpreter
         bm, bn = INTERPRET_BLOCKS
         return bm, bn, 4, 1
-    major, minor = torch.cuda.get_device_capability(device)
+    major, minor = gpu.capability
     table = _BIG_SMEM if (major, minor) in ((8, 0), (9, 0), (10, 0)) else _SMALL_SMEM
     row = table[64 if head_block <= 64 else 128 if head_block <= 128 else 256]
     bm, bn, warps, stages = row[_KERNEL[kind]]
@@ -550,6 +623,31 @@ def _drop_scale(dropout_p: float) -> float:
     return 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)  # p == 1: nothing kept, o = 0
 
 
+def _drop_thresh(dropout_p: float) -> int:
+    """An element is kept iff its 24 random bits are >= this: round(p * 2^24) (2^24 at p = 1: none)."""
+    return int(round(float(dropout_p) * (1 << 24)))
+
+
+def _kv_splits(programs: int, S: int, block_n: int, device) -> int:
+    """Key-range splits of the forward (split-KV, flash-decoding): where the query blocks alone leave
+    SMs idle (a few query rows: decoding), each (batch, head, query block) is split over key ranges of
+    at least two blocks, to about two programs per SM. 1 under the interpreter (no SMs to fill)."""
+    gpu = gpu_of(device)
+    if gpu is None or programs >= gpu.sm_count:
+        return 1
+    return max(1, min(triton.cdiv(S, block_n) // 2, triton.cdiv(2 * gpu.sm_count, programs), 128))
+
+
+def _group_splits(programs: int, groups: int, device) -> int:
+    """Splits of the dk/dv kernel's loop over a kv head's query heads (GQA / MQA): the dk/dv grid is
+    Hq / Hkv times smaller than the query side's (MQA at batch 1, 2K keys: 16 programs); split to about
+    two programs per SM."""
+    gpu = gpu_of(device)
+    if gpu is None or groups == 1 or programs >= gpu.sm_count:
+        return 1
+    return max(1, min(groups, triton.cdiv(2 * gpu.sm_count, programs)))
+
+
 def _like_layout(ref: torch.Tensor, shape, dtype) -> torch.Tensor:
     """An empty (B, H, L, D) tensor whose (B, H, L) dims are laid out in ref's order (e.g. q taken as
     a (B, L, H, E).transpose(1, 2) view gives o in (B, L, H, Ev) memory), head dim contiguous."""
@@ -579,13 +677,27 @@ def attention_fwd(q, k, v, mask=None, *, causal=False, scale, dropout_p=0.0, see
         return o.zero_(), lse.fill_(float("-inf"))
     be, bev = _head_block(E), _head_block(Ev)
     bm, bn, warps, stages = _config("fwd", max(be, bev), q.dtype, q.device, L, S, dropout_p > 0.0)
-    _attn_fwd_kernel[(triton.cdiv(L, bm) * B * Hq,)](
-        q, k, v, mask, o, lse, *q.stride(), *k.stride(), *v.stride(), *_mask_args(mask), *o.stride(),
-        Hq, L, S, E, Ev, Hq // Hkv, float(scale) * LOG2E, float(dropout_p), _drop_scale(dropout_p),
-        int(seed), int(offset),
+    programs = triton.cdiv(L, bm) * B * Hq
+    splits = _kv_splits(programs, S, bn, q.device)
+    if splits == 1:
+        out, out_lse, out_strides, split_strides = o, lse, o.stride(), (0, 0)
+    else:  # fp32 partials, merged below
+        BHL = B * Hq * L
+        out = torch.empty((splits, BHL, Ev), dtype=acc_dtype, device=q.device)
+        out_lse = torch.empty((splits, BHL), dtype=acc_dtype, device=q.device)
+        out_strides, split_strides = (Hq * L * Ev, L * Ev, Ev, 1), (BHL * Ev, BHL)
+    _attn_fwd_kernel[(programs * splits,)](
+        q, k, v, mask, out, out_lse, *q.stride(), *k.stride(), *v.stride(), *_mask_args(mask), *out_strides,
+        *split_strides, splits, Hq, L, S, E, Ev, Hq // Hkv, float(scale) * LOG2E, _drop_thresh(dropout_p),
+        _drop_scale(dropout_p), int(seed), int(offset),
         CAUSAL=bool(causal), MASK_KIND=mask_kind, DROPOUT=dropout_p > 0.0, SPLIT=_split(q.dtype, precise),
         INPUT_PRECISION=_input_precision(q.dtype, allow_tf32), ACC_T=_ACC[q.dtype],
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=be, BLOCK_EV=bev, num_warps=warps, num_stages=stages)
+    if splits > 1:
+        rows = 16 if _interpret() else 32
+        _split_kv_combine_kernel[(triton.cdiv(BHL, rows),)](
+            out, out_lse, o, lse, BHL, Hq, L, Ev, splits, *o.stride(), BLOCK_M=rows, BLOCK_EV=bev,
+            SPLIT_P2=triton.next_power_of_2(splits), num_warps=4)
     return o, lse
 
 
@@ -616,7 +728,8 @@ def attention_bwd(do, q, k, v, o, lse, mask=None, *, causal=False, scale, dropou
     split = _split(q.dtype, precise)
     flags = dict(CAUSAL=bool(causal), MASK_KIND=mask_kind, DROPOUT=dropout_p > 0.0, SPLIT=split,
                  INPUT_PRECISION=_input_precision(q.dtype, allow_tf32), ACC_T=acc, BLOCK_E=be, BLOCK_EV=bev)
-    scalars = (float(scale) * LOG2E, float(scale), float(dropout_p), _drop_scale(dropout_p), int(seed), int(offset))
+    scalars = (float(scale) * LOG2E, float(scale), _drop_thresh(dropout_p), _drop_scale(dropout_p), int(seed),
+               int(offset))
     common = (*q.stride(), *k.stride(), *v.stride(), *_mask_args(mask), *do.stride())
 
     delta = torch.empty((B, Hq, L), dtype=lse.dtype, device=q.device)
@@ -632,8 +745,20 @@ def attention_bwd(do, q, k, v, o, lse, mask=None, *, causal=False, scale, dropou
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
 
     bm, bn, warps, stages = _config("dkdv", max(be, bev), q.dtype, q.device, L, S, dropout_p > 0.0)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(S, bn) * B * Hkv,)](
-        q, k, v, mask, do, lse, delta, dk, dv, *common, *dk.stride(), *dv.stride(),
-        Hq, Hkv, L, S, E, Ev, Hq // Hkv, *scalars, **flags,
+    programs = triton.cdiv(S, bn) * B * Hkv
+    gsplit = _group_splits(programs, Hq // Hkv, q.device)
+    if gsplit == 1:
+        dk_out, dv_out, dk_strides, dv_strides = dk, dv, (*dk.stride(), 0), (*dv.stride(), 0)
+    else:  # each split's partial dk, dv in the accumulation dtype, summed below in a fixed order
+        dk_out = torch.empty((gsplit, B, Hkv, S, E), dtype=lse.dtype, device=q.device)
+        dv_out = torch.empty((gsplit, B, Hkv, S, Ev), dtype=lse.dtype, device=q.device)
+        dk_strides = (*dk_out.stride()[1:], dk_out.stride(0))
+        dv_strides = (*dv_out.stride()[1:], dv_out.stride(0))
+    _attn_bwd_dkdv_kernel[(programs * gsplit,)](
+        q, k, v, mask, do, lse, delta, dk_out, dv_out, *common, *dk_strides[:4], *dv_strides[:4],
+        dk_strides[4], dv_strides[4], Hq, Hkv, L, S, E, Ev, Hq // Hkv, gsplit, *scalars, **flags,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    if gsplit > 1:
+        dk.copy_(dk_out.sum(0))
+        dv.copy_(dv_out.sum(0))
     return dq, dk, dv, dmask

@@ -7,7 +7,9 @@ x is (N, C, S), dense in one of two layouts (fusedstab.autograd makes it so); dy
   positions; program (cb, split) owns BLOCK_J channels, and its tiles are BLOCK_I positions x
   BLOCK_J channels, contiguous along the channels.
 Each channel's reduction is split over SPLIT programs (tile t goes to program t % SPLIT), so that
-few channels or a small batch still fill the GPU.
+few channels or a small batch still fill the GPU. Grid (NB * n_cols, SPLIT): with per-sample
+statistics (GroupNorm on channels-last input) program_id(0) = sample * n_cols + column, folded into
+axis 0 (CUDA allows 2^31 - 1 programs there, 65535 on axes 1 and 2: a batch axis would cap N).
 
 Statistics: each program combines its tiles' (count, mean, M2) as Chan et al. do, on values centred
 by a pivot (its first tile's mean), and writes them per channel; the host combines the programs in
@@ -31,9 +33,8 @@ def _tile(t, pc, I, J, row_stride, n_tj, CL: tl.constexpr, BLOCK_I: tl.constexpr
         j = pc * BLOCK_J + tl.arange(0, BLOCK_J)
         offs = i.to(tl.int64)[:, None] * row_stride + j[None, :]
     else:
-        ti = t // n_tj
-        i = ti * BLOCK_I + tl.arange(0, BLOCK_I)
-        j = (t - ti * n_tj) * BLOCK_J + tl.arange(0, BLOCK_J)
+        i = (t // n_tj) * BLOCK_I + tl.arange(0, BLOCK_I)
+        j = (t % n_tj) * BLOCK_J + tl.arange(0, BLOCK_J)
         offs = pc.to(tl.int64) * J + i.to(tl.int64)[:, None] * row_stride + j[None, :]
     return offs, (i < I)[:, None] & (j < J)[None, :]
 
@@ -76,6 +77,20 @@ def _cstore(P, pc, v, C, CL: tl.constexpr, BLOCK_J: tl.constexpr):
 
 
 @triton.jit
+def _pids(n_cols):
+    """(column pc, split, SPLIT, sample nb as int64) of this program: axis 0 is nb * n_cols + pc."""
+    pid0 = tl.program_id(0)
+    return pid0 % n_cols, tl.program_id(1), tl.num_programs(1), (pid0 // n_cols).to(tl.int64)
+
+
+@triton.jit
+def _part_row(PART, k, split, C):
+    """Row k * SPLIT + split of a (rows, SPLIT, C)-shaped partial buffer, in int64 (a program index
+    times a size)."""
+    return PART + (k + split.to(tl.int64)) * C
+
+
+@triton.jit
 def _czeros(CL: tl.constexpr, ACC_T: tl.constexpr, BLOCK_J: tl.constexpr):
     if CL:
         return tl.zeros([BLOCK_J], ACC_T)
@@ -84,13 +99,12 @@ def _czeros(CL: tl.constexpr, ACC_T: tl.constexpr, BLOCK_J: tl.constexpr):
 
 
 @triton.jit
-def _stats_kernel(X, PART, C, I, J, row_stride, n_t, n_tj, x_nb, ACC_T: tl.constexpr, CL: tl.constexpr,
+def _stats_kernel(X, PART, C, I, J, row_stride, n_t, n_tj, x_nb, n_cols, ACC_T: tl.constexpr, CL: tl.constexpr,
                   BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
     """PART (NB, 4, SPLIT, C): this program's count, pivot, mean - pivot and M2 per channel. The pivot
     (the mean of the program's first tile) centres the values: fp32 means of data offset far from 0 are
     off by an ulp of the offset, which Chan's update would multiply into M2."""
-    pc, split, SPLIT = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
-    nb = tl.program_id(2).to(tl.int64)
+    pc, split, SPLIT, nb = _pids(n_cols)
     X += nb * x_nb
     PART += nb * 4 * SPLIT * C
     offs, mask = _tile(split, pc, I, J, row_stride, n_tj, CL, BLOCK_I, BLOCK_J)
@@ -110,10 +124,10 @@ def _stats_kernel(X, PART, C, I, J, row_stride, n_t, n_tj, x_nb, ACC_T: tl.const
         mean += delta * frac
         m2 += _csum(d * d, CL) + delta * delta * cnt * frac
         cnt = tot
-    _cstore(PART + split * C, pc, cnt, C, CL, BLOCK_J)
-    _cstore(PART + (SPLIT + split) * C, pc, pivot, C, CL, BLOCK_J)
-    _cstore(PART + (2 * SPLIT + split) * C, pc, mean, C, CL, BLOCK_J)
-    _cstore(PART + (3 * SPLIT + split) * C, pc, m2, C, CL, BLOCK_J)
+    _cstore(_part_row(PART, 0, split, C), pc, cnt, C, CL, BLOCK_J)
+    _cstore(_part_row(PART, SPLIT, split, C), pc, pivot, C, CL, BLOCK_J)
+    _cstore(_part_row(PART, 2 * SPLIT, split, C), pc, mean, C, CL, BLOCK_J)
+    _cstore(_part_row(PART, 3 * SPLIT, split, C), pc, m2, C, CL, BLOCK_J)
 
 
 @triton.jit
@@ -158,11 +172,10 @@ def _affine_params(W, B, MEAN, RSTD, pc, C, HAS_W: tl.constexpr, HAS_B: tl.const
 
 
 @triton.jit
-def _elemt_kernel(X, W, B, Y, MEAN, RSTD, C, I, J, row_stride, n_t, n_tj, x_nb, p_nb, slope_a, slope_b, slope_c,
+def _elemt_kernel(X, W, B, Y, MEAN, RSTD, C, I, J, row_stride, n_t, n_tj, x_nb, n_cols, p_nb, slope_a, slope_b, slope_c,
                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, ACC_T: tl.constexpr,
                   CL: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
-    pc, split, SPLIT = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
-    nb = tl.program_id(2).to(tl.int64)
+    pc, split, SPLIT, nb = _pids(n_cols)
     X += nb * x_nb
     Y += nb * x_nb
     mean, rstd, w, b = _affine_params(W, B, MEAN + nb * p_nb, RSTD + nb * p_nb, pc, C, HAS_W, HAS_B, ACC_T, CL,
@@ -186,12 +199,11 @@ def _bwd_load(DY, X, offs, mask, mean, rstd, w, b, slope, ACT: tl.constexpr, ACC
 
 
 @triton.jit
-def _bwd_reduce_kernel(DY, X, W, B, MEAN, RSTD, PART, C, I, J, row_stride, n_t, n_tj, x_nb, p_nb, slope_a, slope_b, slope_c,
+def _bwd_reduce_kernel(DY, X, W, B, MEAN, RSTD, PART, C, I, J, row_stride, n_t, n_tj, x_nb, n_cols, p_nb, slope_a, slope_b, slope_c,
                        HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, ACC_T: tl.constexpr,
                        CL: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
     """PART (NB, 2, SPLIT, C): this program's sum(dz) and sum(dz * xhat) per channel."""
-    pc, split, SPLIT = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
-    nb = tl.program_id(2).to(tl.int64)
+    pc, split, SPLIT, nb = _pids(n_cols)
     X += nb * x_nb
     DY += nb * x_nb
     PART += nb * 2 * SPLIT * C
@@ -205,19 +217,18 @@ def _bwd_reduce_kernel(DY, X, W, B, MEAN, RSTD, PART, C, I, J, row_stride, n_t, 
         xhat, dz = _bwd_load(DY, X, offs, mask, mean, rstd, w, b, slope, ACT, ACC_T)
         sdz += dz
         sdzx += dz * xhat
-    _cstore(PART + split * C, pc, _csum(sdz, CL), C, CL, BLOCK_J)
-    _cstore(PART + (SPLIT + split) * C, pc, _csum(sdzx, CL), C, CL, BLOCK_J)
+    _cstore(_part_row(PART, 0, split, C), pc, _csum(sdz, CL), C, CL, BLOCK_J)
+    _cstore(_part_row(PART, SPLIT, split, C), pc, _csum(sdzx, CL), C, CL, BLOCK_J)
 
 
 @triton.jit
-def _bwd_elemt_kernel(DY, X, W, B, DX, MEAN, RSTD, COEF, C, I, J, row_stride, n_t, n_tj, x_nb, p_nb,
+def _bwd_elemt_kernel(DY, X, W, B, DX, MEAN, RSTD, COEF, C, I, J, row_stride, n_t, n_tj, x_nb, n_cols, p_nb,
                       slope_a, slope_b, slope_c, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                       HAS_COEF: tl.constexpr, ACT: tl.constexpr, ACC_T: tl.constexpr,
                       CL: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
     """dx = rstd * (w * dz - a - xhat * b); COEF (NB, 2, C) = (a, b) per channel (training: BatchNorm's
     w * mean(dz), w * mean(dz * xhat)), absent in eval."""
-    pc, split, SPLIT = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
-    nb = tl.program_id(2).to(tl.int64)
+    pc, split, SPLIT, nb = _pids(n_cols)
     X += nb * x_nb
     DY += nb * x_nb
     DX += nb * x_nb
@@ -238,8 +249,9 @@ def _bwd_elemt_kernel(DY, X, W, B, DX, MEAN, RSTD, COEF, C, I, J, row_stride, n_
 
 # ----------------------------------------------------------------------------- launchers
 def _plan(x, cl: bool, per_sample: bool = False):
-    """Kernel geometry for x (N, C, S) in its layout: (geometry args, meta-parameters, grid). With
-    ``per_sample`` (channels-last only) each sample is reduced apart: grid axis 2 is the sample."""
+    """Kernel geometry for x (N, C, S) in its layout: (geometry args, meta-parameters, grid, NB). With
+    ``per_sample`` (channels-last only) each sample is reduced apart (NB = N): grid axis 0 runs over
+    (sample, column) pairs."""
     N, C, S = x.shape
     nb, x_nb = (N, S * C) if per_sample else (1, 0)
     if cl:
@@ -255,15 +267,15 @@ def _plan(x, cl: bool, per_sample: bool = False):
         n_cols, n_tj = C, triton.cdiv(S, bj)
         n_t = triton.cdiv(N, bi) * n_tj
     split = max(1, min(n_t, triton.cdiv(target_programs(x.device, 8), n_cols * nb)))
-    geo = (I, J, row_stride, n_t, n_tj, x_nb)
-    return geo, dict(CL=cl, BLOCK_I=bi, BLOCK_J=bj, num_warps=4), (n_cols, split, nb)
+    geo = (I, J, row_stride, n_t, n_tj, x_nb, n_cols)
+    return geo, dict(CL=cl, BLOCK_I=bi, BLOCK_J=bj, num_warps=4), (n_cols * nb, split), nb
 
 
 def stats(x, cl, acc, per_sample=False):
     """Per-program (count, pivot, mean - pivot, M2) per channel: (NB, 4, SPLIT, C) in ``acc`` (NB = N
     per sample, else 1)."""
-    geo, meta, grid = _plan(x, cl, per_sample)
-    part = x.new_empty((grid[2], 4, grid[1], x.shape[1]), dtype=acc)
+    geo, meta, grid, nb = _plan(x, cl, per_sample)
+    part = x.new_empty((nb, 4, grid[1], x.shape[1]), dtype=acc)
     _stats_kernel[grid](x, part, x.shape[1], *geo, ACC_T=_ACC[acc], **meta)
     return part
 
@@ -286,7 +298,7 @@ def _p_nb(x, per_sample):
 
 def elemt(x, w, b, y, mean, rstd, act, slope, cl, per_sample=False):
     """y from x; mean and rstd (C,), or (N, C) per sample."""
-    geo, meta, grid = _plan(x, cl, per_sample)
+    geo, meta, grid, _ = _plan(x, cl, per_sample)
     flags, slopes = _flags(w, b, act, slope, mean.dtype)
     _elemt_kernel[grid](x, w, b, y, mean, rstd, x.shape[1], *geo, _p_nb(x, per_sample), *slopes, **flags,
                         **meta)
@@ -294,9 +306,9 @@ def elemt(x, w, b, y, mean, rstd, act, slope, cl, per_sample=False):
 
 def bwd_reduce(dy, x, w, b, mean, rstd, act, slope, cl, per_sample=False):
     """Per-program sum(dz) and sum(dz * xhat) per channel: (NB, 2, SPLIT, C)."""
-    geo, meta, grid = _plan(x, cl, per_sample)
+    geo, meta, grid, nb = _plan(x, cl, per_sample)
     flags, slopes = _flags(w, b, act, slope, mean.dtype)
-    part = x.new_empty((grid[2], 2, grid[1], x.shape[1]), dtype=mean.dtype)
+    part = x.new_empty((nb, 2, grid[1], x.shape[1]), dtype=mean.dtype)
     _bwd_reduce_kernel[grid](dy, x, w, b, mean, rstd, part, x.shape[1], *geo, _p_nb(x, per_sample), *slopes,
                              **flags, **meta)
     return part
@@ -304,7 +316,7 @@ def bwd_reduce(dy, x, w, b, mean, rstd, act, slope, cl, per_sample=False):
 
 def bwd_elemt(dy, x, w, b, dx, mean, rstd, coef, act, slope, cl, per_sample=False):
     """dx; coef (2, C), or (N, 2, C) per sample, or None (see _bwd_elemt_kernel)."""
-    geo, meta, grid = _plan(x, cl, per_sample)
+    geo, meta, grid, _ = _plan(x, cl, per_sample)
     flags, slopes = _flags(w, b, act, slope, mean.dtype)
     _bwd_elemt_kernel[grid](dy, x, w, b, dx, mean, rstd, coef, x.shape[1], *geo, _p_nb(x, per_sample),
                             *slopes, HAS_COEF=coef is not None, **flags, **meta)

@@ -36,6 +36,18 @@ def store_mask(MASK, pos, rows64, rmask, col_tile, L8,
 
 
 @triton.jit
+def _load_bits(MASK, rows64, rmask, col_tile, L8, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
+    """The (BLOCK_R, BLOCK_L) booleans of column tile ``col_tile`` of MASK (rows of L8 bytes): one load
+    of the (BLOCK_R, BLOCK_L // 8) byte tile (contiguous bytes, not a byte per element), expanded to
+    bits in registers (the inverse of _pack_bits)."""
+    bcols = col_tile * (BLOCK_L // 8) + tl.arange(0, BLOCK_L // 8)
+    byte = tl.load(MASK + rows64[:, None] * L8 + bcols[None, :], mask=rmask[:, None] & (bcols < L8)[None, :],
+                   other=0)
+    bits = (byte.to(tl.int32)[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
+    return tl.reshape(bits, (BLOCK_R, BLOCK_L)) != 0
+
+
+@triton.jit
 def _fwd_kernel(X, B, Y, MASK, R, L, C, L8, stride_xr, stride_xc, n_col_tiles, slope_a, slope_b, slope_c,
                 HAS_B: tl.constexpr, PER_ROW: tl.constexpr, SAVE_MASK: tl.constexpr,
                 ACC_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
@@ -83,8 +95,7 @@ def _bwd_kernel(DY, S, DX, DBP, R, L, L8, stride_dyr, stride_dyc, stride_sr, str
         dy = tl.load(DY + rows64[:, None] * stride_dyr + cols64[None, :] * stride_dyc,
                      mask=mask, other=0.0).to(ACC_T)
         if USE_MASK:
-            byte = tl.load(S + rows64[:, None] * L8 + (cols // 8)[None, :], mask=mask, other=0)
-            pos = ((byte.to(tl.int32) >> (cols % 8)[None, :]) & 1) != 0
+            pos = _load_bits(S, rows64, rmask, col_tile, L8, BLOCK_R, BLOCK_L)
         else:
             pos = tl.load(S + rows64[:, None] * stride_sr + cols64[None, :] * stride_sc,
                           mask=mask, other=0.0) > 0

@@ -1,7 +1,11 @@
 """Pieces the Triton kernels share: accumulation dtypes, the fp64-exact slope argument, the activations
-the norms fuse, tile widths that pad little, and how many programs fill the device."""
+the norms fuse, tile widths that pad little, how many programs fill the device (and a simulated GPU
+for the CPU-side checks), and whether fp32 matmuls may run on tf32 tensor cores."""
+import contextlib
+import dataclasses
 import functools
 import math
+import os
 
 import torch
 import triton
@@ -29,6 +33,14 @@ def split_slope(slope: float) -> tuple[float, float, float]:
 def _slope(slope_a, slope_b, slope_c, ACC_T: tl.constexpr):
     # Triton passes Python floats as fp32: an fp64 slope travels as three fp32 parts (72 bits >= 53).
     return tl.cast(slope_a, ACC_T) + tl.cast(slope_b, ACC_T) + tl.cast(slope_c, ACC_T)
+
+
+@triton.jit
+def _rsqrt(v, ACC_T: tl.constexpr):
+    if ACC_T == tl.float64:
+        return 1.0 / tl.sqrt(v)  # IEEE sqrt in fp64 (gradcheck precision)
+    else:
+        return tl.rsqrt(v)
 
 
 @triton.jit
@@ -65,9 +77,78 @@ def block_width(L: int, widest: int, smallest: int = 2) -> int:
     return next((w for w in widths if 16 * padded(w) <= L), min(widths, key=padded))
 
 
+# ----------------------------------------------------------------------------- the device launchers size for
+@dataclasses.dataclass(frozen=True)
+class GPU:
+    """What the launchers need to know of a GPU."""
+    name: str
+    sm_count: int
+    capability: tuple[int, int]
+
+
+H100 = GPU("NVIDIA H100 (simulated)", 132, (9, 0))
+_simulated: list[GPU] = []
+
+# CUDA's launch limits: grid axis 0 up to 2^31 - 1 programs, axes 1 and 2 up to 65535.
+MAX_GRID = (2 ** 31 - 1, 65535, 65535)
+
+
+@contextlib.contextmanager
+def simulate_gpu(gpu: GPU = H100):
+    """Launchers size grids and tiles for ``gpu`` whatever the tensors' device (e.g. meta tensors): how
+    the kernel report and the grid-limit tests see, on a CPU, the launches an H100 would get."""
+    _simulated.append(gpu)
+    try:
+        yield gpu
+    finally:
+        _simulated.pop()
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def gpu_of(device: torch.device) -> GPU | None:
+    """The GPU that kernels on ``device`` run on; None where they run in the interpreter (CPU tensors,
+    or TRITON_INTERPRET=1), whose launches stay small."""
+    if _simulated:
+        return _simulated[-1]
+    if device.type != "cuda" or _interpret():
+        return None
+    return _cuda_gpu(device.index if device.index is not None else torch.cuda.current_device())
+
+
 @functools.lru_cache(None)
+def _cuda_gpu(index: int) -> GPU:
+    p = torch.cuda.get_device_properties(index)
+    return GPU(p.name, p.multi_processor_count, (p.major, p.minor))
+
+
 def target_programs(device: torch.device, per_sm: int) -> int:
-    """Programs that fill the device: ``per_sm`` per SM on CUDA; 4 under the interpreter."""
-    if device.type == "cuda":
-        return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+    """Programs that fill the device: ``per_sm`` per SM on a GPU; 4 under the interpreter."""
+    gpu = gpu_of(device)
+    return 4 if gpu is None else per_sm * gpu.sm_count
+
+
+def sm_count(device: torch.device) -> int:
+    """SMs of the device (4 under the interpreter: the same small grids as target_programs)."""
+    gpu = gpu_of(device)
+    return 4 if gpu is None else gpu.sm_count
+
+
+# ----------------------------------------------------------------------------- tf32
+def fp32_matmul_allows_tf32() -> bool:
+    """Whether torch lets fp32 matmuls run on tf32 tensor cores. Read through torch's new API
+    (``torch.backends.cuda.matmul.fp32_precision``, which inherits ``torch.backends.fp32_precision``)
+    where it exists: once a user has set either, reading the legacy ``allow_tf32`` raises (torch >= 2.9,
+    "mix of the legacy and new APIs"). "none" means neither was set, so the legacy flag decides."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:  # torch < 2.9: the legacy flag only
+        return bool(matmul.allow_tf32)
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:  # mixed APIs: torch itself would refuse to say; take its default
+        return False

@@ -15,24 +15,52 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import _ACC, _slope, split_slope
+from .common import _ACC, _slope, fp32_matmul_allows_tf32, split_slope
 from .bias_leaky_relu import store_mask
 
 
-def _configs():
-    if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter: one small config, no tuning
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4}, num_warps=4)]
-    # Hopper/Ampere bf16/fp16 configs (Triton matmul tutorial and persistent-matmul tutorial sets).
-    c = lambda m, n, k, s, w, g=8: triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": g},
+def gpu_configs():
+    """Hopper/Ampere bf16/fp16 configs (Triton matmul tutorial and persistent-matmul tutorial sets)."""
+    c = lambda m, n, k, s, w, g=8: triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": g},  # noqa: E731
                                                   num_stages=s, num_warps=w)
     return [c(128, 256, 64, 3, 8), c(256, 128, 64, 3, 8), c(128, 128, 64, 4, 8), c(128, 128, 64, 4, 4),
             c(128, 64, 64, 4, 4), c(64, 128, 64, 4, 4), c(64, 64, 64, 4, 4), c(128, 128, 32, 4, 4),
             c(64, 32, 32, 5, 2), c(32, 64, 32, 5, 2)]
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "INPUT_PRECISION"])
+def _configs():
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter: one small config, no tuning
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4}, num_warps=4)]
+    return gpu_configs()
+
+
+# fp32 accumulator values a thread holds (BLOCK_M * BLOCK_N / threads) from which the sign-mask
+# epilogue spills for sm_90a (benchmarks/kernel_report.md: 128x256 and 256x128 at 8 warps, 128x128x64
+# at 4 warps; the tile alone fits).
+MASK_EPILOGUE_MAX_ACC = 128
+
+
+def prune_configs(configs, named_args, **kwargs):
+    """Configs for this call: with the sign-mask epilogue (SAVE_MASK) those that would spill are left out."""
+    if not kwargs.get("SAVE_MASK", named_args.get("SAVE_MASK", False)):
+        return configs
+    kept = [c for c in configs
+            if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < MASK_EPILOGUE_MAX_ACC * 32 * c.num_warps]
+    return kept or configs
+
+
+def m_bucket(M: int) -> int:
+    """The autotune key's row count: the next power of two (16 to 16384), so that each new token count
+    does not re-tune 10 configs on the spot."""
+    return max(16, min(triton.next_power_of_2(M), 16384))
+
+
+# Keyed on the M bucket, the shape of w, the dot precision and the epilogue (bias, mask): a config tuned
+# without the mask epilogue is never reused with it. Argument dtypes are part of the key anyway.
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "INPUT_PRECISION", "HAS_B", "SAVE_MASK"],
+                 prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
-def _linear_leaky_relu_kernel(X, W, B, Y, MASK, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+def _linear_leaky_relu_kernel(X, W, B, Y, MASK, M, M_BUCKET, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
                               slope_a, slope_b, slope_c, HAS_B: tl.constexpr, SAVE_MASK: tl.constexpr,
                               INPUT_PRECISION: tl.constexpr, ACC_T: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -75,10 +103,11 @@ def _linear_leaky_relu_kernel(X, W, B, Y, MASK, M, N, K, stride_xm, stride_xk, s
 
 
 def input_precision(dtype: torch.dtype) -> str | None:
-    """fp32 runs on tf32 tensor cores only where torch's own matmuls may (allow_tf32)."""
+    """fp32 runs on tf32 tensor cores only where torch's own matmuls may (the flag is read for fp32
+    only, through torch's new API where it exists: see common.fp32_matmul_allows_tf32)."""
     if dtype != torch.float32:
         return None
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "tf32" if fp32_matmul_allows_tf32() else "ieee"
 
 
 def linear_leaky_relu(x, w, b, y, mask, slope):
@@ -87,6 +116,6 @@ def linear_leaky_relu(x, w, b, y, mask, slope):
     N = w.shape[0]
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _linear_leaky_relu_kernel[grid](
-        x, w, b, y, mask, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1), *split_slope(slope),
+        x, w, b, y, mask, M, m_bucket(M), N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1), *split_slope(slope),
         HAS_B=b is not None, SAVE_MASK=mask is not None, INPUT_PRECISION=input_precision(x.dtype),
         ACC_T=_ACC[torch.float64 if x.dtype == torch.float64 else torch.float32])

@@ -40,8 +40,14 @@ def reduce_kind(norm_type: float) -> int:
 
 
 @triton.jit
-def _chunk_ptr(ADDR, START, c, DTYPE: tl.constexpr):
-    return tl.load(ADDR + c).to(tl.pointer_type(DTYPE)) + tl.load(START + c)
+def _chunk_ptr(ADDR, START, c, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """The chunk's first element. Loaded at run time, so triton knows nothing of its alignment: with
+    ALIGNED (every tensor 16-byte aligned, checked on the host; chunk starts are multiples of CHUNK
+    elements) it is told, and whole-block loads become 16-byte vectors."""
+    ptr = tl.load(ADDR + c).to(tl.pointer_type(DTYPE)) + tl.load(START + c)
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
 
 
 @triton.jit
@@ -66,10 +72,34 @@ def _finish(acc, nan, REDUCE: tl.constexpr):
 
 
 @triton.jit
+def _norm_step(acc, nan, a, m, p, REDUCE: tl.constexpr, MASKED: tl.constexpr):
+    """Fold |x| of one block (``a``; lanes outside ``m`` are padding when MASKED) into (acc, nan)."""
+    if REDUCE == _SQUARE:
+        v = a * a
+    elif REDUCE == _ABS:
+        v = a
+    elif REDUCE == _NONZERO:
+        v = (a != 0).to(acc.dtype)
+    elif REDUCE == _POW:
+        v = tl.exp2(p * tl.log2(a))  # |x|^p; 0^p = 0 (p > 0) or inf (p < 0)
+        if MASKED:
+            v = tl.where(m, v, 0.0)
+    elif REDUCE == _MIN:
+        v = a
+        if MASKED:
+            v = tl.where(m, a, float("inf"))
+    else:
+        v = a
+    if REDUCE == _MAX or REDUCE == _MIN:
+        nan = tl.maximum(nan, (a != a).to(tl.int32))
+    return _combine(acc, v, REDUCE), nan
+
+
+@triton.jit
 def _norm_chunks_kernel(ADDR, START, LEN, PARTIAL, p_hi, p_lo, DTYPE: tl.constexpr, ACC_T: tl.constexpr,
-                        REDUCE: tl.constexpr, BLOCK: tl.constexpr):
+                        REDUCE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     c = tl.program_id(0)
-    ptr = _chunk_ptr(ADDR, START, c, DTYPE)
+    ptr = _chunk_ptr(ADDR, START, c, DTYPE, ALIGNED)
     n = tl.load(LEN + c)
     p = tl.cast(p_hi, ACC_T) + tl.cast(p_lo, ACC_T)  # float arguments arrive as fp32: p in two parts for fp64
     if REDUCE == _MIN:
@@ -77,25 +107,15 @@ def _norm_chunks_kernel(ADDR, START, LEN, PARTIAL, p_hi, p_lo, DTYPE: tl.constex
     else:
         acc = tl.zeros([BLOCK], ACC_T)
     nan = tl.zeros([BLOCK], tl.int32)
-    for s in range(0, n, BLOCK):
-        o = s + tl.arange(0, BLOCK)
-        m = o < n
-        a = tl.abs(tl.load(ptr + o, mask=m, other=0.0).to(ACC_T))
-        if REDUCE == _SQUARE:
-            v = a * a
-        elif REDUCE == _ABS:
-            v = a
-        elif REDUCE == _NONZERO:
-            v = (a != 0).to(ACC_T)
-        elif REDUCE == _POW:
-            v = tl.where(m, tl.exp2(p * tl.log2(a)), 0.0)  # |x|^p; 0^p = 0 (p > 0) or inf (p < 0)
-        elif REDUCE == _MIN:
-            v = tl.where(m, a, float("inf"))
-        else:
-            v = a
-        if REDUCE == _MAX or REDUCE == _MIN:
-            nan = tl.maximum(nan, (a != a).to(tl.int32))
-        acc = _combine(acc, v, REDUCE)
+    offs = tl.arange(0, BLOCK)
+    n_full = (n // BLOCK) * BLOCK
+    for s in range(0, n_full, BLOCK):  # whole blocks: no mask, so loads can be vectors
+        a = tl.abs(tl.load(ptr + (s + offs)).to(ACC_T))
+        acc, nan = _norm_step(acc, nan, a, offs < BLOCK, p, REDUCE, False)
+    o = n_full + offs  # the tail (possibly empty)
+    m = o < n
+    a = tl.abs(tl.load(ptr + o, mask=m, other=0.0).to(ACC_T))
+    acc, nan = _norm_step(acc, nan, a, m, p, REDUCE, True)
     tl.store(PARTIAL + c, _finish(acc, nan, REDUCE))
 
 
@@ -123,19 +143,32 @@ def _per_tensor_kernel(PARTIAL, OFFSETS, OUT, REDUCE: tl.constexpr, BLOCK: tl.co
 
 
 @triton.jit
+def _scale_block(ptr, o, m, coef, DTYPE: tl.constexpr, ACC_T: tl.constexpr, ZERO_NONFINITE: tl.constexpr,
+                 MASKED: tl.constexpr):
+    if MASKED:
+        g = tl.load(ptr + o, mask=m).to(ACC_T) * coef
+    else:
+        g = tl.load(ptr + o).to(ACC_T) * coef
+    if ZERO_NONFINITE:
+        g = tl.where(coef == 0, 0.0, g)  # 0 * NaN would stay NaN
+    if MASKED:
+        tl.store(ptr + o, g.to(DTYPE), mask=m)
+    else:
+        tl.store(ptr + o, g.to(DTYPE))
+
+
+@triton.jit
 def _scale_chunks_kernel(ADDR, START, LEN, COEF, DTYPE: tl.constexpr, ACC_T: tl.constexpr,
-                         ZERO_NONFINITE: tl.constexpr, BLOCK: tl.constexpr):
+                         ZERO_NONFINITE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     c = tl.program_id(0)
-    ptr = _chunk_ptr(ADDR, START, c, DTYPE)
+    ptr = _chunk_ptr(ADDR, START, c, DTYPE, ALIGNED)
     n = tl.load(LEN + c)
     coef = tl.load(COEF).to(ACC_T)
-    for s in range(0, n, BLOCK):
-        o = s + tl.arange(0, BLOCK)
-        m = o < n
-        g = tl.load(ptr + o, mask=m).to(ACC_T) * coef
-        if ZERO_NONFINITE:
-            g = tl.where(coef == 0, 0.0, g)  # 0 * NaN would stay NaN
-        tl.store(ptr + o, g.to(DTYPE), mask=m)
+    offs = tl.arange(0, BLOCK)
+    n_full = (n // BLOCK) * BLOCK
+    for s in range(0, n_full, BLOCK):  # whole blocks, unmasked: vector loads and stores
+        _scale_block(ptr, s + offs, offs < BLOCK, coef, DTYPE, ACC_T, ZERO_NONFINITE, False)
+    _scale_block(ptr, n_full + offs, n_full + offs < n, coef, DTYPE, ACC_T, ZERO_NONFINITE, True)
 
 
 class _Table:
@@ -157,6 +190,7 @@ class _Table:
         self.offsets = offsets.to(device, non_blocking=True)
         self.num_chunks = int(first[-1])
         self.num_tensors = len(tensors)
+        self.aligned = bool(np.all(addr % 16 == 0))  # every chunk start then too: CHUNK * size % 16 == 0
 
 
 _cache: "collections.OrderedDict[tuple, _Table]" = collections.OrderedDict()
@@ -190,7 +224,7 @@ def norm(tensors, norm_type: float, out: torch.Tensor) -> torch.Tensor:
     p_lo = float(norm_type) - p_hi if kind == POW else 0.0
     _norm_chunks_kernel[(tab.num_chunks,)](
         tab.addr, tab.start, tab.length, partial, p_hi, p_lo, DTYPE=_TL[tensors[0].dtype],
-        ACC_T=_TL[acc_dtype], REDUCE=kind, BLOCK=BLOCK, num_warps=8)
+        ACC_T=_TL[acc_dtype], REDUCE=kind, ALIGNED=tab.aligned, BLOCK=BLOCK, num_warps=8)
     _per_tensor_kernel[(tab.num_tensors,)](partial, tab.offsets, out, REDUCE=kind, BLOCK=256, num_warps=4)
     return out
 
@@ -199,4 +233,5 @@ def scale_(tensors, coef: torch.Tensor, zero_nonfinite: bool) -> None:
     tab = table(tensors)
     _scale_chunks_kernel[(tab.num_chunks,)](
         tab.addr, tab.start, tab.length, coef, DTYPE=_TL[tensors[0].dtype],
-        ACC_T=tl.float64 if tensors[0].dtype == torch.float64 else tl.float32, ZERO_NONFINITE=zero_nonfinite, BLOCK=BLOCK, num_warps=8)
+        ACC_T=tl.float64 if tensors[0].dtype == torch.float64 else tl.float32, ZERO_NONFINITE=zero_nonfinite,
+        ALIGNED=tab.aligned, BLOCK=BLOCK, num_warps=8)

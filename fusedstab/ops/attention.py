@@ -31,11 +31,13 @@ from ..numerics import acc_dtype, unsupported
 
 def _o_like(q: Tensor, Ev: int) -> Tensor:
     """Empty (B, Hq, L, Ev) in q's dtype, its (B, Hq, L) dims in q's memory order, head dim innermost
-    (q taken as a (B, L, H, E).transpose(1, 2) view gives o in (B, L, H, Ev) memory)."""
-    order = sorted(range(3), key=lambda d: -q.stride(d))
-    shape = (*q.shape[:3], Ev)
-    t = q.new_empty([shape[d] for d in order] + [Ev])
-    return t.permute(*[order.index(d) for d in range(3)], 3)
+    (q taken as a (B, L, H, E).transpose(1, 2) view gives o in (B, L, H, Ev) memory). A tensor of its
+    own, not a permuted view: autograd forbids in-place ops on views made inside a custom Function."""
+    order = sorted(range(3), key=lambda d: -q.stride(d))  # outermost first
+    stride, size = [0, 0, 0, 1], Ev
+    for d in reversed(order):
+        stride[d], size = size, size * q.shape[d]
+    return q.new_empty_strided((*q.shape[:3], Ev), stride)
 
 
 def _lse(q: Tensor) -> Tensor:
@@ -133,6 +135,11 @@ backend.register("attention_fwd", "torch", _fwd_torch)
 backend.register("attention_bwd", "torch", _bwd_torch)
 
 
+# ----------------------------------------------------------------------------- cpu backend (csrc/cpu/attention.cpp)
+backend.register("attention_fwd", "cpu", backend.cpp("attention_fwd"))
+backend.register("attention_bwd", "cpu", backend.cpp("attention_bwd"))
+
+
 # ----------------------------------------------------------------------------- triton backend
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -155,7 +162,11 @@ def _precise(q: Tensor) -> bool:
 
 
 def _allow_tf32(q: Tensor) -> bool:
-    return q.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    if q.device.type != "cuda" or q.dtype != torch.float32:  # the flag concerns fp32 matmuls only
+        return False
+    from ..kernels.common import fp32_matmul_allows_tf32  # the new API where it exists (torch >= 2.9)
+
+    return fp32_matmul_allows_tf32()
 
 
 def _fwd_triton(outs, q, k, v, mask, causal, scale, dropout_p, seed, offset):

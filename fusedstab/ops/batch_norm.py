@@ -9,14 +9,15 @@ _backward_reduce / _backward_elemt are).
 ``fusedstab::batch_norm_bwd_elemt(dy, x, weight, bias, mean, rstd, coef, activation, slope) -> dx``:
   coef = sums / count in training, None in eval
 
-x is an (N, C, S) view (fusedstab.autograd flattens the spatial dims): dense NCHW or dense
-channels-last is read in place, any other layout through a contiguous copy. y and dx are
-``empty_like(x)``. mean, rstd, stats, sums and coef are in the accumulation dtype.
+x is the caller's (N, C, *) tensor (dy likewise): dense NCHW or dense with the channels innermost
+(channels_last, and (N, C) input) is read in place, any other layout through a contiguous copy
+(fusedstab.ops.layout.channels_first). y and dx have x's shape and that layout's strides, so that a
+user may modify y in place. mean, rstd, stats, sums and coef are in the accumulation dtype.
 
-What every backend may assume (and the C++ kernels check): numel > 0; x in one of the layouts of
-fusedstab.ops.layout (dense NCHW or channels-inner), dy and the y / dx it writes with x's strides;
-weight and bias contiguous (C,) (the input's dtype, or fp32 for fp16/bf16 input); mean, rstd (C,)
-and coef (2, C) contiguous in the accumulation dtype.
+What every backend may assume (and the C++ kernels check): numel > 0; x the (N, C, S) view of one of
+the layouts of fusedstab.ops.layout (dense NCHW or channels-inner), dy and the y / dx it writes with
+x's strides; weight and bias contiguous (C,) (the input's dtype, or fp32 for fp16/bf16 input); mean,
+rstd (C,) and coef (2, C) contiguous in the accumulation dtype.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from torch import Tensor
 
 from .. import backend, reference
 from ..numerics import acc_dtype, unsupported
-from .layout import channels_inner, dense, like, write_into
+from .layout import channels_first, channels_inner, like, ncs
 
 
 def _per_channel(x: Tensor, rows: int) -> Tensor:
@@ -38,12 +39,16 @@ def _dense(p: Optional[Tensor]) -> Optional[Tensor]:
     return None if p is None else p.contiguous()
 
 
+def _like_x(x: Tensor) -> Tensor:
+    return torch.empty_like(channels_first(x))
+
+
 @torch.library.custom_op("fusedstab::batch_norm_stats", mutates_args=())
 def batch_norm_stats(x: Tensor) -> Tensor:
     stats = _per_channel(x, 3)
     if not x.numel():  # an empty batch: count 0, mean 0, M2 0
         return stats.zero_()
-    backend.dispatch("batch_norm_stats", x.device.type, (stats,), dense(x))
+    backend.dispatch("batch_norm_stats", x.device.type, (stats,), ncs(channels_first(x)))
     return stats
 
 
@@ -55,17 +60,17 @@ def _(x):
 @torch.library.custom_op("fusedstab::batch_norm_elemt", mutates_args=())
 def batch_norm_elemt(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, rstd: Tensor,
                      activation: str, slope: float) -> Tensor:
+    x = channels_first(x)
     y = torch.empty_like(x)
-    if not x.numel():
-        return y
-    xk = dense(x)
-    args = (xk, _dense(weight), _dense(bias), mean.contiguous(), rstd.contiguous(), activation, slope)
-    return write_into(y, xk, lambda out: backend.dispatch("batch_norm_elemt", x.device.type, (out,), *args))
+    if x.numel():
+        backend.dispatch("batch_norm_elemt", x.device.type, (ncs(y),), ncs(x), _dense(weight), _dense(bias),
+                         mean.contiguous(), rstd.contiguous(), activation, slope)
+    return y
 
 
 @batch_norm_elemt.register_fake
 def _(x, weight, bias, mean, rstd, activation, slope):
-    return torch.empty_like(x)
+    return _like_x(x)
 
 
 @torch.library.custom_op("fusedstab::batch_norm_bwd_reduce", mutates_args=())
@@ -74,8 +79,8 @@ def batch_norm_bwd_reduce(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias:
     sums = _per_channel(x, 2)
     if not x.numel():
         return sums.zero_()
-    xk = dense(x)
-    backend.dispatch("batch_norm_bwd_reduce", x.device.type, (sums,), like(dy, xk), xk, _dense(weight),
+    x = channels_first(x)
+    backend.dispatch("batch_norm_bwd_reduce", x.device.type, (sums,), ncs(like(dy, x)), ncs(x), _dense(weight),
                      _dense(bias), mean.contiguous(), rstd.contiguous(), activation, slope)
     return sums
 
@@ -88,18 +93,18 @@ def _(dy, x, weight, bias, mean, rstd, activation, slope):
 @torch.library.custom_op("fusedstab::batch_norm_bwd_elemt", mutates_args=())
 def batch_norm_bwd_elemt(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
                          rstd: Tensor, coef: Optional[Tensor], activation: str, slope: float) -> Tensor:
+    x = channels_first(x)
     dx = torch.empty_like(x)
-    if not x.numel():
-        return dx
-    xk = dense(x)
-    args = (like(dy, xk), xk, _dense(weight), _dense(bias), mean.contiguous(), rstd.contiguous(),
-            None if coef is None else coef.contiguous(), activation, slope)
-    return write_into(dx, xk, lambda out: backend.dispatch("batch_norm_bwd_elemt", x.device.type, (out,), *args))
+    if x.numel():
+        backend.dispatch("batch_norm_bwd_elemt", x.device.type, (ncs(dx),), ncs(like(dy, x)), ncs(x),
+                         _dense(weight), _dense(bias), mean.contiguous(), rstd.contiguous(),
+                         None if coef is None else coef.contiguous(), activation, slope)
+    return dx
 
 
 @batch_norm_bwd_elemt.register_fake
 def _(dy, x, weight, bias, mean, rstd, coef, activation, slope):
-    return torch.empty_like(x)
+    return _like_x(x)
 
 
 # ----------------------------------------------------------------------------- torch backend

@@ -1,20 +1,25 @@
 """Bias + Leaky ReLU as torch.library custom ops.
 
-``fusedstab::bias_leaky_relu_fwd(x, bias, slope, per_row) -> (y, mask)``
+``fusedstab::bias_leaky_relu_fwd(x, bias, slope, dim) -> (y, mask)``
 ``fusedstab::bias_leaky_relu_bwd(dy, saved, slope, per_row, C, dx_dtype, need_dx, need_dbias) -> (dx, dbias)``
 
-The ops see a 2-D (R, L) view in memory order (fusedstab.autograd builds it): the bias is per column
-(``per_row=False``, L == C) or per row (``per_row=True``, index row % C). y has the promoted dtype of
-x and bias, contiguous (R, L). ``mask`` is the packed sign mask (R, ceil(L/8)) uint8 when slope < 0
-(backward cannot tell the sign of x + b from y then), else empty; backward's ``saved`` is that mask,
-or y. dbias comes back in the accumulation dtype, shape (C,), empty unless asked for; dx is empty
-unless asked for.
+The forward takes the caller's x, the bias (x.shape[dim],) or None broadcast along ``dim`` (>= 0).
+y has x's shape, the promoted dtype of x and bias, and x's memory layout where the kernels read x in
+place (contiguous, channels_last(_3d)), else it is contiguous: the op's own tensor, never a view made
+inside a custom Function (which autograd forbids modifying in place). The kernels see x and y as the
+2-D (R, L) view in memory order of ``memory_order_2d``: the bias per column (``per_row=False``,
+L == C) or per row (``per_row=True``, index row % C). ``mask`` is the packed sign mask
+(R, ceil(L/8)) uint8 when slope < 0 (backward cannot tell the sign of x + b from y then), else
+empty. The backward sees that 2-D view: dy (R, L), ``saved`` the mask or y's (R, L) view; dbias
+comes back in the accumulation dtype, shape (C,), empty unless asked for; dx (R, L) is empty unless
+asked for.
 
 What every backend may assume (and the C++ kernels check): numel > 0; x, dy, saved and the bias
-contiguous; outputs as above.
+contiguous (R, L) / (C,); outputs as above.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -22,6 +27,7 @@ from torch import Tensor
 
 from .. import backend
 from ..numerics import FLOATS, acc_dtype, unsupported
+from .layout import in_place_layout
 
 _EMPTY = (0,)
 
@@ -31,14 +37,53 @@ def saves_mask(slope: float) -> bool:
     return slope < 0
 
 
-def fwd_outputs(x: Tensor, bias: Optional[Tensor], slope: float, L: Optional[int] = None):
-    """(y, mask) of an (R, L) output: shared with linear_leaky_relu, whose L is out_features."""
-    R = x.shape[0]
-    L = x.shape[1] if L is None else L
-    dtype = x.dtype if bias is None else torch.promote_types(x.dtype, bias.dtype)
-    y = x.new_empty((R, L), dtype=dtype)
-    mask = x.new_empty((R, (L + 7) // 8) if saves_mask(slope) else _EMPTY, dtype=torch.uint8)
-    return y, mask
+def memory_order_2d(x: Tensor, dim: int):
+    """x's dims in memory order, split at ``dim`` into (outer, C, inner): returns (order, permuted
+    shape, (R, L), per_row). Rows of C (per-column bias) when inner == 1, e.g. a Linear output or
+    channels_last NCHW with dim=1; else rows of inner, bias index row % C. For contiguous and
+    channels_last(_3d) x, ``x.permute(order).reshape(R, L)`` is a view; any other layout is read
+    through a contiguous copy. (No sort on strides: under dynamic shapes they are symbolic.)"""
+    order = list(range(x.dim()))
+    if not x.is_contiguous() and in_place_layout(x):  # channels_last(_3d)
+        order = [0, *range(2, x.dim()), 1]
+    shape = [x.shape[i] for i in order]
+    p = order.index(dim)
+    outer, C, inner = math.prod(shape[:p]), shape[p], math.prod(shape[p + 1:])
+    per_row = inner != 1
+    return order, shape, ((outer * C, inner) if per_row else (outer, C)), per_row
+
+
+def to_2d(t: Tensor, order, rl) -> Tensor:
+    """The (R, L) view of t (x's shape) in memory order (a copy where t's layout differs)."""
+    return t.permute(order).reshape(rl)
+
+
+def from_2d(t2: Tensor, order, shape) -> Tensor:
+    """Inverse of ``to_2d``: x's shape, with x's memory layout when x was dense."""
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    return t2.view(shape).permute(inverse)
+
+
+def _dtype(x: Tensor, bias: Optional[Tensor]) -> torch.dtype:
+    return x.dtype if bias is None else torch.promote_types(x.dtype, bias.dtype)
+
+
+def _mask(x: Tensor, R: int, L: int, slope: float) -> Tensor:
+    return x.new_empty((R, (L + 7) // 8) if saves_mask(slope) else _EMPTY, dtype=torch.uint8)
+
+
+def fwd_outputs(x: Tensor, bias: Optional[Tensor], slope: float, dim: int):
+    """(y, mask): y like x (x's layout where it is read in place, else contiguous), mask over the 2-D
+    view."""
+    _, _, (R, L), _ = memory_order_2d(x, dim)
+    y = torch.empty_like(x if in_place_layout(x) else x.contiguous(), dtype=_dtype(x, bias))
+    return y, _mask(x, R, L, slope)
+
+
+def linear_outputs(x: Tensor, N: int, slope: float):
+    """(y, mask) of linear_leaky_relu: y (*, N) contiguous, mask over its (M, N) rows."""
+    y = x.new_empty((*x.shape[:-1], N))
+    return y, _mask(x, math.prod(x.shape[:-1]), N, slope)
 
 
 def _bwd_outputs(dy, C, dx_dtype, need_dx, need_dbias):
@@ -52,17 +97,18 @@ def _dense(t: Optional[Tensor]) -> Optional[Tensor]:
 
 
 @torch.library.custom_op("fusedstab::bias_leaky_relu_fwd", mutates_args=())
-def bias_leaky_relu_fwd(x: Tensor, bias: Optional[Tensor], slope: float, per_row: bool
-                        ) -> tuple[Tensor, Tensor]:
-    outs = fwd_outputs(x, bias, slope)
+def bias_leaky_relu_fwd(x: Tensor, bias: Optional[Tensor], slope: float, dim: int) -> tuple[Tensor, Tensor]:
+    y, mask = fwd_outputs(x, bias, slope, dim)
     if x.numel():
-        backend.dispatch("bias_leaky_relu_fwd", x.device.type, outs, x.contiguous(), _dense(bias), slope, per_row)
-    return outs
+        order, _, rl, per_row = memory_order_2d(x, dim)
+        backend.dispatch("bias_leaky_relu_fwd", x.device.type, (to_2d(y, order, rl), mask),
+                         to_2d(x, order, rl).contiguous(), _dense(bias), slope, per_row)
+    return y, mask
 
 
 @bias_leaky_relu_fwd.register_fake
-def _(x, bias, slope, per_row):
-    return fwd_outputs(x, bias, slope)
+def _(x, bias, slope, dim):
+    return fwd_outputs(x, bias, slope, dim)
 
 
 @torch.library.custom_op("fusedstab::bias_leaky_relu_bwd", mutates_args=())

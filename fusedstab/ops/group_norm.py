@@ -4,18 +4,20 @@
 ``fusedstab::group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, activation, slope)
   -> (dx, dweight, dbias)``
 
-x is an (N, C, S) view with any strides (fusedstab.autograd flattens the spatial dims so that NCHW
-and channels_last are both views); y and dx are ``empty_like(x)`` (the same strides when x is dense).
-mean and rstd are (N, G) in the accumulation dtype. ``activation`` is "none", "relu", "leaky_relu"
-(with ``slope``) or "silu", applied to weight * xhat + bias; backward recomputes its input from x.
-dweight / dbias come back in the accumulation dtype, empty when weight / bias is None.
+x is the caller's (N, C, *) tensor: dense NCHW or dense with the channels innermost (channels_last,
+and its 3-D (N, C, L) kin) is read in place, any other layout through a contiguous copy
+(fusedstab.ops.layout.channels_first). y and dx have x's shape and that layout's strides, so that a
+user may modify y in place. mean and rstd are (N, G) in the accumulation dtype. ``activation`` is
+"none", "relu", "leaky_relu" (with ``slope``) or "silu", applied to weight * xhat + bias; backward
+recomputes its input from x. dweight / dbias come back in the accumulation dtype, empty when weight /
+bias is None.
 On the triton backend dense channels-last input runs on the BatchNorm kernels (whole rows of C read
 per sample, per-(sample, channel) statistics combined into groups here), any other layout on the
 per-group kernels of fusedstab.kernels.group_norm.
 
-What every backend may assume (and the C++ kernels check): numel > 0; x in one of the layouts of
-fusedstab.ops.layout (dense NCHW or channels-inner), dy and the y / dx it writes with x's strides;
-weight and bias contiguous (C,) of any float dtype; mean, rstd (N, G) contiguous.
+What every backend may assume (and the C++ kernels check): numel > 0; x the (N, C, S) view of one of
+the layouts of fusedstab.ops.layout (dense NCHW or channels-inner), dy and the y / dx it writes with
+x's strides; weight and bias contiguous (C,) of any float dtype; mean, rstd (N, G) contiguous.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from torch import Tensor
 
 from .. import backend, reference
 from ..numerics import acc_dtype, chan_combine, unsupported
-from .layout import channels_inner, dense, like, write_into
+from .layout import channels_first, channels_inner, like, ncs
 
 _EMPTY = (0,)
 
@@ -39,7 +41,7 @@ def _stats(x, G):
 def _bwd_outputs(x, weight, bias, acc):
     dw = x.new_empty(_EMPTY if weight is None else weight.shape, dtype=acc)
     db = x.new_empty(_EMPTY if bias is None else bias.shape, dtype=acc)
-    return torch.empty_like(x), dw, db
+    return torch.empty_like(channels_first(x)), dw, db
 
 
 def _dense(p: Optional[Tensor]) -> Optional[Tensor]:
@@ -49,18 +51,18 @@ def _dense(p: Optional[Tensor]) -> Optional[Tensor]:
 @torch.library.custom_op("fusedstab::group_norm_fwd", mutates_args=())
 def group_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int, eps: float,
                    activation: str, slope: float) -> tuple[Tensor, Tensor, Tensor]:
+    x = channels_first(x)
     y, (mean, rstd) = torch.empty_like(x), _stats(x, num_groups)
     if not x.numel():  # groups of no elements
         return y, mean.zero_(), rstd.fill_(float("nan"))
-    xk = dense(x)
-    args = (xk, _dense(weight), _dense(bias), num_groups, eps, activation, slope)
-    write_into(y, xk, lambda out: backend.dispatch("group_norm_fwd", x.device.type, (out, mean, rstd), *args))
+    backend.dispatch("group_norm_fwd", x.device.type, (ncs(y), mean, rstd), ncs(x), _dense(weight), _dense(bias),
+                     num_groups, eps, activation, slope)
     return y, mean, rstd
 
 
 @group_norm_fwd.register_fake
 def _(x, weight, bias, num_groups, eps, activation, slope):
-    return (torch.empty_like(x), *_stats(x, num_groups))
+    return (torch.empty_like(channels_first(x)), *_stats(x, num_groups))
 
 
 @torch.library.custom_op("fusedstab::group_norm_bwd", mutates_args=())
@@ -69,10 +71,9 @@ def group_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Option
     dx, dw, db = _bwd_outputs(x, weight, bias, mean.dtype)
     if not x.numel():
         return dx, dw.zero_(), db.zero_()
-    xk = dense(x)
-    args = (like(dy, xk), xk, _dense(weight), _dense(bias), mean.contiguous(), rstd.contiguous(), num_groups,
-            activation, slope)
-    write_into(dx, xk, lambda out: backend.dispatch("group_norm_bwd", x.device.type, (out, dw, db), *args))
+    x = channels_first(x)
+    backend.dispatch("group_norm_bwd", x.device.type, (ncs(dx), dw, db), ncs(like(dy, x)), ncs(x), _dense(weight),
+                     _dense(bias), mean.contiguous(), rstd.contiguous(), num_groups, activation, slope)
     return dx, dw, db
 
 
@@ -145,9 +146,12 @@ def _fwd_triton(outs, x, weight, bias, G, eps, act, slope):
     from ..kernels import batch_norm as KB
     from ..kernels import group_norm as K
 
+    y, mean, rstd = outs
+    if x.shape[2] == 1 and K.rows_ok(x.shape[1], G):  # (N, C) rows: a group is C/G adjacent channels
+        K.rows_fwd(x[:, :, 0], weight, bias, y[:, :, 0], mean, rstd, G, eps, act, slope)
+        return
     if channels_inner(x):
         return _fwd_channels_inner(outs, x, weight, bias, G, eps, act, slope)
-    y, mean, rstd = outs
     count, gmean, m2 = KB.combine(K.fwd_stats(x, G), acc_dtype(x.dtype))  # per group, (N*G,) each
     mean.copy_(gmean.view(mean.shape)), rstd.copy_(torch.rsqrt(m2 / count + eps).view(rstd.shape))
     K.fwd_norm(x, weight, bias, y, mean, rstd, G, act, slope)
@@ -156,9 +160,13 @@ def _fwd_triton(outs, x, weight, bias, G, eps, act, slope):
 def _bwd_triton(outs, dy, x, weight, bias, mean, rstd, G, act, slope):
     from ..kernels import group_norm as K
 
+    dx, dw, db = outs
+    if x.shape[2] == 1 and K.rows_ok(x.shape[1], G):
+        K.rows_bwd(dy[:, :, 0], x[:, :, 0], weight, bias, mean, rstd, dx[:, :, 0], dw if weight is not None else None,
+                   db if bias is not None else None, G, act, slope)
+        return
     if channels_inner(x):
         return _bwd_channels_inner(outs, dy, x, weight, bias, mean, rstd, G, act, slope)
-    dx, dw, db = outs
     gpart, cpart = K.bwd_reduce(dy, x, weight, bias, mean, rstd, G, act, slope)
     K.bwd_dx(dy, x, weight, bias, dx, mean, rstd, gpart.sum(1), G, act, slope)
     if weight is not None:

@@ -1,21 +1,26 @@
 """LayerNorm / RMSNorm (optionally with the residual add fused) as torch.library custom ops.
 
-``fusedstab::layer_norm_fwd(x, weight, bias, residual, eps, rms) -> (y, h, mean, rstd)``
+``fusedstab::layer_norm_fwd(x, weight, bias, residual, eps, rms, normalized_ndim=1) -> (y, h, mean, rstd)``
 ``fusedstab::layer_norm_bwd(dy, h, weight, bias, mean, rstd, dh, rms) -> (dx, dweight, dbias)``
 
-Ops see rows: x is (M, N) with any strides (the rows view of the caller's tensor). Outputs are
-contiguous. Optional outputs that do not apply are empty tensors, since a custom op cannot return
-None or an alias of an input: h without a residual, mean for RMSNorm, dweight/dbias without weight or
-bias. Input validation with torch's messages happens in ``fusedstab.functional``; these ops assume
-valid, same-device, floating-point tensors.
+The forward takes the caller's x (and residual), of any shape and strides, and normalizes rows of its
+last ``normalized_ndim`` dims (N elements; M rows): y and h come back contiguous in x's shape, so that
+autograd hands the user tensors of their own (never a view made inside a custom Function, which
+autograd forbids modifying in place). The backward sees rows: dy, h and dh are (M, N) with any
+strides (fusedstab.autograd views them so), dx is (M, N). weight and bias are (N,). Optional outputs
+that do not apply are empty tensors, since a custom op cannot return None or an alias of an input: h
+without a residual, mean for RMSNorm, dweight/dbias without weight or bias. Input validation with
+torch's messages happens in ``fusedstab.functional``; these ops assume valid, same-device,
+floating-point tensors.
 
-What every backend may assume (and the C++ kernels check): numel > 0; x, residual, dy, h, dh with
-unit column stride (any row stride); weight and bias contiguous (N,), of any float dtype; y, h, dx
-contiguous; mean / rstd (M,) in the accumulation dtype of h's dtype (mean empty for RMSNorm);
-dweight / dbias in the parameter's dtype, empty without it.
+What every backend may assume (and the C++ kernels check): numel > 0; the (M, N) rows of x, residual,
+dy, h, dh with unit column stride (any row stride); weight and bias contiguous (N,), of any float
+dtype; the (M, N) views of y, h and dx contiguous; mean / rstd (M,) in the accumulation dtype of h's
+dtype (mean empty for RMSNorm); dweight / dbias in the parameter's dtype, empty without it.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -31,12 +36,17 @@ def _h_dtype(x: Tensor, residual: Optional[Tensor]) -> torch.dtype:
     return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
 
 
-def _fwd_outputs(x, residual, rms):
-    M, N = x.shape
+def _m_n(x: Tensor, normalized_ndim: int) -> tuple[int, int]:
+    lead = x.dim() - normalized_ndim
+    return math.prod(x.shape[:lead]), math.prod(x.shape[lead:])
+
+
+def _fwd_outputs(x, residual, rms, normalized_ndim):
+    M, _ = _m_n(x, normalized_ndim)
     hd = _h_dtype(x, residual)
     acc = acc_dtype(hd)
-    y = x.new_empty((M, N))
-    h = x.new_empty((M, N) if residual is not None else _EMPTY, dtype=hd)
+    y = x.new_empty(x.shape)
+    h = x.new_empty(x.shape if residual is not None else _EMPTY, dtype=hd)
     mean = x.new_empty(_EMPTY if rms else (M,), dtype=acc)
     rstd = x.new_empty((M,), dtype=acc)
     return y, h, mean, rstd
@@ -56,26 +66,34 @@ def _unit_cols(t: Optional[Tensor]) -> Optional[Tensor]:
     return t.as_strided(t.shape, (t.stride(0), 1)) if t.shape[1] == 1 else t.contiguous()
 
 
+def _rows(t: Optional[Tensor], M: int, N: int) -> Optional[Tensor]:
+    """(M, N) rows of t with unit column stride (a copy only where no such view exists)."""
+    return None if t is None else _unit_cols(t.reshape(M, N))
+
+
 def _dense(p: Optional[Tensor]) -> Optional[Tensor]:
     return None if p is None else p.contiguous()  # weight/bias: N elements, a copy is cheap
 
 
 @torch.library.custom_op("fusedstab::layer_norm_fwd", mutates_args=())
 def layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                   residual: Optional[Tensor], eps: float, rms: bool
+                   residual: Optional[Tensor], eps: float, rms: bool, normalized_ndim: int = 1
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    outs = _fwd_outputs(x, residual, rms)
+    outs = _fwd_outputs(x, residual, rms, normalized_ndim)
     if not x.numel():  # rows of length 0 have no statistics (torch reports mean 0, rstd NaN)
         outs[2].zero_(), outs[3].fill_(float("nan"))
         return outs
-    backend.dispatch("layer_norm_fwd", x.device.type, outs, _unit_cols(x), _dense(weight), _dense(bias),
-                     _unit_cols(residual), eps, rms)
+    y, h, mean, rstd = outs
+    M, N = _m_n(x, normalized_ndim)
+    backend.dispatch("layer_norm_fwd", x.device.type, (y.view(M, N), h if residual is None else h.view(M, N),
+                                                        mean, rstd),
+                     _rows(x, M, N), _dense(weight), _dense(bias), _rows(residual, M, N), eps, rms)
     return outs
 
 
 @layer_norm_fwd.register_fake
-def _(x, weight, bias, residual, eps, rms):
-    return _fwd_outputs(x, residual, rms)
+def _(x, weight, bias, residual, eps, rms, normalized_ndim=1):
+    return _fwd_outputs(x, residual, rms, normalized_ndim)
 
 
 @torch.library.custom_op("fusedstab::layer_norm_bwd", mutates_args=())
@@ -136,15 +154,10 @@ def _fwd_triton(outs, x, weight, bias, residual, eps, rms):
 
 def _bwd_triton(outs, dy, h, weight, bias, mean, rstd, dh, rms):
     from ..kernels import layer_norm as K
-    from ..kernels.common import target_programs
 
     dx, dw, db = outs
-    dw_part, db_part = K.bwd(dy, h, weight, mean, rstd, dh, dx, weight is not None, bias is not None, rms,
-                             target_programs(h.device, 2))
-    if weight is not None:
-        dw.copy_(dw_part.sum(0))
-    if bias is not None:
-        db.copy_(db_part.sum(0))
+    K.bwd(dy, h, weight, mean, rstd, dh, dx, dw if weight is not None else None, db if bias is not None else None,
+          rms)
 
 
 backend.register("layer_norm_fwd", "triton", _fwd_triton, _triton_ok)

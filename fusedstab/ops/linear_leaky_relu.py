@@ -2,13 +2,16 @@
 
 ``fusedstab::linear_leaky_relu_fwd(x, weight, bias, slope) -> (y, mask)``
 
-x is (M, K) with any strides, weight (N, K), bias (N,) or None, all of one dtype: y and mask are
-those of ``bias_leaky_relu_fwd`` on x @ weight.T with a per-column bias, so the backward is
-``bias_leaky_relu_bwd`` followed by two matmuls (fusedstab.autograd). Every backend sees M, N >= 1 and
-a contiguous bias; K may be 0.
+x is the caller's (*, K) with any strides, weight (N, K), bias (N,) or None, all of one dtype. y is
+(*, N), contiguous: the op's own tensor, so that a user may modify it in place. Every backend sees the
+(M, K) rows of x (any strides), y's (M, N) view, and the mask of ``bias_leaky_relu_fwd`` on
+x @ weight.T with a per-column bias, so the backward is ``bias_leaky_relu_bwd`` on the (M, N) rows
+followed by two matmuls (fusedstab.autograd). Every backend sees M, N >= 1 and a contiguous bias; K
+may be 0.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -16,22 +19,23 @@ from torch import Tensor
 
 from .. import backend
 from ..numerics import acc_dtype, unsupported
-from .bias_leaky_relu import activate_into, fwd_outputs, saves_mask
+from .bias_leaky_relu import activate_into, linear_outputs, saves_mask
 
 
 @torch.library.custom_op("fusedstab::linear_leaky_relu_fwd", mutates_args=())
 def linear_leaky_relu_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], slope: float
                           ) -> tuple[Tensor, Tensor]:
-    outs = fwd_outputs(x, None, slope, weight.shape[0])
-    if outs[0].numel():
-        backend.dispatch("linear_leaky_relu_fwd", x.device.type, outs, x, weight,
-                         None if bias is None else bias.contiguous(), slope)
-    return outs
+    y, mask = linear_outputs(x, weight.shape[0], slope)
+    if y.numel():
+        M, N = math.prod(x.shape[:-1]), weight.shape[0]
+        backend.dispatch("linear_leaky_relu_fwd", x.device.type, (y.view(M, N), mask), x.reshape(M, x.shape[-1]),
+                         weight, None if bias is None else bias.contiguous(), slope)
+    return y, mask
 
 
 @linear_leaky_relu_fwd.register_fake
 def _(x, weight, bias, slope):
-    return fwd_outputs(x, None, slope, weight.shape[0])
+    return linear_outputs(x, weight.shape[0], slope)
 
 
 def _linear_torch(outs, x, weight, bias, slope):

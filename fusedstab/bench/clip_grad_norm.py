@@ -8,8 +8,10 @@ Lists (one dtype each, the run's ``--dtype``):
               and load balance over many tensors of very different sizes
   gpt-1.3b    the same transformer layout at d=2048, 24 layers, vocab 50257, context 2048:
               292 tensors, 1.31B elements (GPU only: the bandwidth case)
-On CPU by default (quick) the same layouts scaled down (gpt2-tiny d=32, 2 layers; mixed-1000 of sizes
-1..256; gpt-small d=256, 4 layers), the first small enough for the Triton interpreter.
+On CPU by default (quick) the same layouts scaled down (gpt2-tiny d=32, 2 layers; mixed-100, 100
+tensors of sizes 1..256; gpt-small d=256, 4 layers), the first small enough for the Triton
+interpreter. 100 tensors, not 1000, on CPU: torch.compile's graph grows with the list, and compiling
+the clip of 1000 tensors took minutes of a cold run (mixed-100: about 40 s of CPU time).
 
 Modes (``CLIP_MODES``):
   norm  ``get_total_norm`` of every gradient             bytes = read each grad once       = N*e
@@ -19,7 +21,8 @@ after the first call they sit at the threshold and the scale is ~1, the same wor
 
 Providers: ``eager`` torch.nn.utils with foreach=True (the baseline, and the reference the others'
 results are checked against), ``eager-loop`` foreach=False, ``compile`` torch.compile of the
-foreach version (fullgraph), ``fusedstab-<backend>``, ``apex`` (apex.contrib.clip_grad's
+foreach version (fullgraph), ``fusedstab-<backend>``, ``fusedstab-<backend>+fixed+stats`` and
+``+zclip+stats`` (AdaptiveGradClipper with GradStats telemetry polled each call; clip mode), ``apex`` (apex.contrib.clip_grad's
 multi-tensor clip_grad_norm_, and amp_C.multi_tensor_l2norm for the norm) when importable. On CUDA
 every row also counts the device work items (kernels, memcpys, memsets) and host syncs of one call.
 """
@@ -33,7 +36,7 @@ import numpy as np
 import torch
 from torch.nn import utils as TU
 
-from .case import CLIP_MODES, Case, Config, Provider
+from .case import CLIP_MODES, Case, Config, Provider, count, dtype_name, elt_size
 from .providers import fusedstab_providers
 
 MAX_NORM = 1.0
@@ -66,10 +69,10 @@ def mixed(n: int, lo: int, hi: int, seed: int = 0) -> list[tuple[int, ...]]:
 
 
 def model_lists(cfg: Config) -> list[tuple[str, list[tuple[int, ...]]]]:
-    if cfg.smoke:
-        return [("smoke", [(3,), (17, 5), (1,), (64,), (1021,), (2, 3)])]
+    if cfg.tiny:
+        return [("tiny", [(3,), (17, 5), (1,), (64,), (1021,), (2, 3)])]
     if cfg.device == "cpu" and cfg.quick:
-        return [("gpt2-tiny", transformer(512, 64, 32, 2)), ("mixed-1000", mixed(1000, 1, 256)),
+        return [("gpt2-tiny", transformer(512, 64, 32, 2)), ("mixed-100", mixed(100, 1, 256)),
                 ("gpt-small", transformer(8192, 256, 256, 4))]
     lists = [("gpt2-small", transformer(50257, 1024, 768, 12)), ("mixed-1000", mixed(1000, 16, 1 << 20))]
     if cfg.device == "cuda":
@@ -95,6 +98,41 @@ def _fusedstab_fns(_functional) -> ClipFns:
 
     return ClipFns(norm=lambda gs: FU.get_total_norm(gs, NORM_TYPE),
                    clip=lambda ps: FU.clip_grad_norm_(ps, MAX_NORM, NORM_TYPE))
+
+
+# ---- the adaptive clipper (fusedstab.utils.AdaptiveGradClipper): "clip" mode only, a clipper per
+# parameter list; "+stats": with GradStats telemetry, polled every call (its overhead over plain clipping)
+CLIPPER_VARIANTS = {"fixed+stats": ("fixed", True), "zclip+stats": ("zclip", True)}
+
+
+def _clipper_fns(variant: str) -> ClipFns:
+    from fusedstab.utils import AdaptiveGradClipper, GradStats
+
+    mode, stats = CLIPPER_VARIANTS[variant]
+    made = {}
+
+    def clip(ps):
+        c = made.get(id(ps))
+        if c is None:  # max_norm is the cap, also during ZClip's warm-up (the checked first call)
+            made.clear()
+            c = made[id(ps)] = AdaptiveGradClipper(ps, mode, max_norm=MAX_NORM,
+                                                   telemetry=GradStats(ring=16) if stats else None)
+        total = c.step()
+        if stats:
+            c.telemetry.poll()
+        return total
+    return ClipFns(norm=None, clip=clip)
+
+
+def _clipper_providers(cfg: Config, numel: int, programs: int) -> tuple[dict, dict]:
+    import dataclasses
+
+    provs, skipped = {}, {}
+    for variant in CLIPPER_VARIANTS:
+        fp, fs = fusedstab_providers(lambda _ff, v=variant: _clipper_fns(v), cfg, numel, programs=programs)
+        provs.update({f"{k}+{variant}": dataclasses.replace(p, modes=("clip",)) for k, p in fp.items()})
+        skipped.update({f"{k}+{variant}": why for k, why in fs.items()})
+    return provs, skipped
 
 
 def _apex(cfg: Config) -> tuple[dict, dict]:
@@ -124,7 +162,7 @@ def providers(cfg: Config, numel: int, n_tensors: int) -> tuple[dict, dict]:
     if cfg.compile:
         provs["compile"] = Provider(_compiled_fns())
     else:
-        skipped["compile"] = "torch.compile left out (--no-compile or --smoke)"
+        skipped["compile"] = "torch.compile left out (--no-compile or --tiny)"
     try:
         import fusedstab.utils  # noqa: F401
     except Exception as e:
@@ -135,6 +173,9 @@ def providers(cfg: Config, numel: int, n_tensors: int) -> tuple[dict, dict]:
         fp, fs = fusedstab_providers(_fusedstab_fns, cfg, numel, programs=programs)
         provs.update(fp)
         skipped.update(fs)
+        cp, cs = _clipper_providers(cfg, numel, programs)
+        provs.update(cp)
+        skipped.update(cs)
     ap, ask = _apex(cfg)
     provs.update(ap)
     skipped.update(ask)
@@ -180,14 +221,14 @@ def bytes_model(numel: int, elt: int) -> dict[str, int]:
 
 
 def clip_grad_norm(cfg: Config) -> list[Case]:
-    elt = torch.empty((), dtype=cfg.dtype).element_size()
+    elt = elt_size(cfg.dtype)
     cases = []
     for name, shapes in model_lists(cfg):
         numel = sum(math.prod(s) for s in shapes)
         provs, skipped = providers(cfg, numel, len(shapes))
         make = functools.partial(_inputs, shapes, cfg.dtype, cfg.device)
-        params = {"model": name, "tensors": len(shapes), "numel": numel,
-                  "dtype": str(cfg.dtype).removeprefix("torch.")}
+        params = {"model": name, "tensors": len(shapes), "numel": numel, "dtype": dtype_name(cfg.dtype)}
         cases.append(Case("clip_grad_norm", params, make, provs, bytes_model(numel, elt), skipped=skipped,
-                          modes=CLIP_MODES, thunk=clip_thunk, count_launches=True))
+                          modes=CLIP_MODES, thunk=clip_thunk, count_launches=True,
+                          desc=f"{name}: {len(shapes)} tensors, {count(numel)} params"))
     return cases

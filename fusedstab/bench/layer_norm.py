@@ -1,4 +1,4 @@
-"""Cases for LayerNorm, RMSNorm and residual-add + LayerNorm over rows of length N.
+"""Cases for LayerNorm, RMSNorm and residual-add + LayerNorm over M rows (tokens) of length N (hidden).
 
 Bytes model (fewest bytes; e = element size of x, w = of the weight, stats are fp32):
   LayerNorm fwd: read x, w, b; write y, mean, rstd          = 2MNe + 2Nw + 8M
@@ -16,10 +16,9 @@ from __future__ import annotations
 import functools
 import inspect
 
-import torch
 import torch.nn.functional as F
 
-from .case import Case, Config, Provider, randn_inputs
+from .case import Case, Config, Provider, dtype_name, elt_size, randn_inputs
 from .providers import fusedstab_providers, liger, torch_providers
 
 EPS = 1e-5
@@ -33,14 +32,13 @@ TARGET_MIB = {"cuda": 256, "cpu": 4}
 
 
 def shapes(cfg: Config) -> list[tuple[int, int]]:
-    if cfg.smoke:
+    if cfg.tiny:
         return [(8, 512)]
     if cfg.device == "cpu" and cfg.quick and not cfg.rows_n:
         return list(CPU_QUICK)
     ns = cfg.rows_n or (N_QUICK_GPU if cfg.quick else N_FULL)
     target = (cfg.target_mib or TARGET_MIB[cfg.device]) << 20
-    elt = torch.empty((), dtype=cfg.dtype).element_size()
-    return [(max(1, target // (n * elt)), n) for n in ns]
+    return [(max(1, target // (n * elt_size(cfg.dtype))), n) for n in ns]
 
 
 def bytes_model(M: int, N: int, e: int, w: int, rms: bool = False, add: bool = False) -> dict[str, int]:
@@ -61,9 +59,9 @@ def _case(op, cfg, M, N, n_in, n_out, eager, fused, peers, rms=False, add=False)
     skipped.update(peers[1])
     n_par = 1 if rms else 2
     make = functools.partial(_inputs, M, N, n_in, n_par, n_out, cfg)
-    elt = torch.empty((), dtype=cfg.dtype).element_size()
-    return Case(op, {"M": M, "N": N, "dtype": str(cfg.dtype).removeprefix("torch.")}, make, provs,
-                bytes_model(M, N, elt, elt, rms=rms, add=add), skipped=skipped)
+    elt = elt_size(cfg.dtype)
+    return Case(op, {"M": M, "N": N, "dtype": dtype_name(cfg.dtype)}, make, provs,
+                bytes_model(M, N, elt, elt, rms=rms, add=add), skipped=skipped, desc=f"{M} x {N}", x=N)
 
 
 def _inputs(M, N, n_in, n_par, n_out, cfg):
