@@ -2,7 +2,7 @@
 csrc/cuda/check.py, which CI runs with nvcc) is current and shows no spill; check.py's parsing; the
 loader and the backend registry when the CUDA library cannot load (clear reasons, the other backends
 serve, one warning); the launchers' host logic (multi-tensor launch plans, LayerNorm row
-configurations, bias + Leaky ReLU grids) compiled with the host compiler and checked."""
+configurations, bias + Leaky ReLU grids, GroupNorm / BatchNorm plans) compiled with the host compiler and checked."""
 import importlib.util
 import re
 import warnings

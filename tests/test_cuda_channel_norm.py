@@ -189,3 +189,29 @@ def test_batch_norm_channels_last_over_2_31_elements():
     assert max_err(sums[:, -1], s64) < 1e-3 * max(1.0, s64.abs().max().item())
     del x, y, dx, xc, dz, yc
     torch.cuda.empty_cache()
+
+
+def test_glue_rejects_bad_arguments():
+    """Direct calls of torch.ops.fusedstab_C with what the public ops never pass: a clear error, no
+    launch (csrc/cuda/channel_norm_glue.h's checks)."""
+    from fusedstab import extension
+
+    C_ = extension.ops()
+    x = torch.randn(2, 8, 5, device=DEV)
+    w, b, y = torch.randn(8, device=DEV), torch.randn(8, device=DEV), torch.empty_like(x)
+    st = torch.empty(2, 2, device=DEV)
+    bad = {
+        "num_groups": lambda: C_.group_norm_fwd(x, w, b, 3, 1e-5, "none", 0.0, y, st, st.clone()),
+        "float32": lambda: C_.group_norm_fwd(x, w.double(), b, 2, 1e-5, "none", 0.0, y, st, st.clone()),
+        "activation": lambda: C_.group_norm_fwd(x, w, b, 2, 1e-5, "gelu", 0.0, y, st, st.clone()),
+        "mean": lambda: C_.group_norm_fwd(x, w, b, 2, 1e-5, "none", 0.0, y, st[:1], st.clone()),
+        "layout": lambda: C_.group_norm_fwd(x, w, b, 2, 1e-5, "none", 0.0, y.transpose(1, 2).contiguous().transpose(1, 2),
+                                            st, st.clone()),
+        "dense NCHW or channels-inner": lambda: C_.batch_norm_stats(x[:, :, ::2], torch.empty(3, 8, device=DEV)),
+        "CUDA tensor": lambda: C_.batch_norm_elemt(x, w.cpu(), b, w, w, "none", 0.0, y),
+        "shape": lambda: C_.batch_norm_bwd_reduce(x, x, w, b, w, w, "none", 0.0, torch.empty(3, 8, device=DEV)),
+        "dtype": lambda: C_.batch_norm_bwd_elemt(x.half(), x, w, b, w, w, None, "none", 0.0, y),
+    }
+    for what, call in bad.items():
+        with pytest.raises(RuntimeError, match=what):
+            call()
