@@ -100,6 +100,64 @@ def bias_leaky_relu_cases(quick):
             "triton": on("triton", lambda: OPS.bias_leaky_relu_bwd(*args))})
 
 
+def group_norm_cases(quick):
+    """GroupNorm (32 groups, SiLU fused) forward and backward, NCHW and channels_last: a batch of UNet
+    maps past L2, and batch 1 (a diffusion sampler's shape, L2-resident on an H100). Bytes: the
+    minimum (forward x + y, backward x + dy + dx); the two-pass kernels read x once more forward and
+    x, dy once more backward (benchmarks/NOTES.md)."""
+    shapes = [(32, 320, 64, 64), (1, 512, 128, 128)] if not quick else [(32, 320, 64, 64)]
+    for shape in shapes:
+        for cl in (False, True):
+            fmt = torch.channels_last if cl else torch.contiguous_format
+            x = torch.randn(shape, device="cuda", dtype=BF16).contiguous(memory_format=fmt)
+            dy = torch.randn(shape, device="cuda", dtype=BF16).contiguous(memory_format=fmt)
+            C = shape[1]
+            w, b = torch.rand(C, device="cuda", dtype=BF16) + 0.5, torch.randn(C, device="cuda", dtype=BF16)
+            e = x.numel() * 2
+            with fusedstab.use_backend("triton"):
+                _, mean, rstd = OPS.group_norm_fwd(x, w, b, 32, 1e-5, "silu", 0.01)
+            name = "x".join(map(str, shape)) + (" cl" if cl else "")
+            yield ("group_norm fwd", name, 2 * e + 4 * C, {
+                "cuda": on("cuda", lambda: OPS.group_norm_fwd(x, w, b, 32, 1e-5, "silu", 0.01)),
+                "triton": on("triton", lambda: OPS.group_norm_fwd(x, w, b, 32, 1e-5, "silu", 0.01)),
+                "eager": lambda: torch.nn.functional.silu(torch.nn.functional.group_norm(x, 32, w, b, 1e-5))})
+            yield ("group_norm bwd", name, 3 * e + 12 * C, {
+                "cuda": on("cuda", lambda: OPS.group_norm_bwd(dy, x, w, b, mean, rstd, 32, "silu", 0.01)),
+                "triton": on("triton", lambda: OPS.group_norm_bwd(dy, x, w, b, mean, rstd, 32, "silu", 0.01))})
+
+
+def batch_norm_cases(quick):
+    """BatchNorm's four steps (ReLU fused), NCHW and channels_last, a ResNet stage past L2; and the
+    training forward as the public function runs it (statistics, running-stat update, normalize)
+    beside eager torch. Bytes: the minimum of each step (stats x; elemt x + y; bwd_reduce x + dy;
+    bwd_elemt x + dy + dx; the training forward x twice + y)."""
+    shapes = [(64, 256, 56, 56)] if not quick else [(32, 256, 56, 56)]
+    for shape in shapes:
+        for cl in (False, True):
+            fmt = torch.channels_last if cl else torch.contiguous_format
+            x = torch.randn(shape, device="cuda", dtype=BF16).contiguous(memory_format=fmt)
+            dy = torch.randn(shape, device="cuda", dtype=BF16).contiguous(memory_format=fmt)
+            C = shape[1]
+            w, b = torch.rand(C, device="cuda") + 0.5, torch.randn(C, device="cuda")  # fp32, as nn.BatchNorm2d under autocast
+            rm, rv = torch.zeros(C, device="cuda"), torch.ones(C, device="cuda")
+            e = x.numel() * 2
+            with fusedstab.use_backend("triton"):
+                count, mean, m2 = OPS.batch_norm_stats(x)
+                rstd = torch.rsqrt(m2 / count + 1e-5)
+                coef = OPS.batch_norm_bwd_reduce(dy, x, w, b, mean, rstd, "relu", 0.01) / count
+            name = "x".join(map(str, shape)) + (" cl" if cl else "")
+            steps = [("stats", e, lambda: OPS.batch_norm_stats(x)),
+                     ("elemt", 2 * e, lambda: OPS.batch_norm_elemt(x, w, b, mean, rstd, "relu", 0.01)),
+                     ("bwd_reduce", 2 * e, lambda: OPS.batch_norm_bwd_reduce(dy, x, w, b, mean, rstd, "relu", 0.01)),
+                     ("bwd_elemt", 3 * e, lambda: OPS.batch_norm_bwd_elemt(dy, x, w, b, mean, rstd, coef, "relu", 0.01))]
+            for step, nbytes, fn in steps:
+                yield (f"batch_norm {step}", name, nbytes, {"cuda": on("cuda", fn), "triton": on("triton", fn)})
+            fwd = lambda: fusedstab.functional.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5, "relu")  # noqa: E731
+            yield ("batch_norm fwd train", name, 3 * e, {
+                "cuda": on("cuda", fwd), "triton": on("triton", fwd),
+                "eager": lambda: torch.relu(torch.nn.functional.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5))})
+
+
 def _params(sizes, dtype=torch.float32):
     ps = []
     for s in sizes:
@@ -151,7 +209,7 @@ def main(argv=None) -> int:
         return 1
     bw = copy_bandwidth()
     rows = []
-    for gen in (layer_norm_cases, bias_leaky_relu_cases, clip_cases):
+    for gen in (layer_norm_cases, bias_leaky_relu_cases, group_norm_cases, batch_norm_cases, clip_cases):
         for op, shape, nbytes, provs in gen(args.quick):
             row = {"op": op, "shape": shape, "bytes": nbytes}
             for name, fn in provs.items():

@@ -1,7 +1,9 @@
 """Every CUDA kernel of the cuda backend once, on small odd shapes that reach each configuration
 (LayerNorm rows of 1..512 threads with 1/2/4 column groups and the long-row kernels, forward and
 backward, with and without residual / weight / bias; bias + Leaky ReLU per column and per row, with
-the sign mask; the multi-tensor norm and scale with the small and the large parameter struct), for
+the sign mask; the multi-tensor norm and scale with the small and the large parameter struct;
+GroupNorm and BatchNorm NCHW and channels-last, vector and element-wise paths, several splits, with
+and without weight / bias, fp32 parameters of bf16 input), for
 compute-sanitizer (benchmarks/gpu_cuda_stage.sh runs it under memcheck and racecheck; set
 PYTORCH_NO_CUDA_MEMORY_CACHING=1 so that an out-of-bounds access leaves its allocation). Exits 0 when
 every call returned; the sanitizer's exit code tells the rest."""
@@ -44,6 +46,17 @@ def main() -> int:
             for p in (2.0, float("inf"), 0.0, 1.5):
                 OPS.multi_tensor_norm(ts, p)
             OPS.multi_tensor_scale_(ts, torch.tensor(0.5, device=dev), True)
+        for shape in ((2, 12, 9, 7), (1, 64, 32, 32), (3, 40, 1, 1)):
+            for fmt in (torch.contiguous_format, torch.channels_last):
+                x = torch.randn(shape, device=dev, dtype=torch.bfloat16).contiguous(memory_format=fmt)
+                x.requires_grad_()
+                w = torch.randn(shape[1], device=dev, requires_grad=True)
+                b = torch.randn(shape[1], device=dev, requires_grad=True)
+                FF.group_norm(x, 4, w, b, 1e-5, "silu").sum().backward()
+                FF.group_norm(x, 2, None, None, 1e-5, "leaky_relu", 0.1).sum().backward()
+                FF.batch_norm(x, None, None, w, b, True, 0.1, 1e-5, "relu").sum().backward()
+                FF.batch_norm(x, torch.zeros(shape[1], device=dev), torch.ones(shape[1], device=dev), w, None,
+                              False).sum().backward()
     torch.cuda.synchronize()
     print("cuda_sanitize: every kernel ran")
     return 0

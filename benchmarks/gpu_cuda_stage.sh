@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The cuda backend's stage of a GPU run (benchmarks/gpu_run.sh can call it; it also runs alone):
 #   1. build the CUDA extension first (JIT: MAX_JOBS = the cores, the device's arch only), timed;
-#   2. the CUDA tests: tests/test_cuda_kernels.py, then the GPU op tests of the ops the cuda backend
-#      serves (LayerNorm family, bias + Leaky ReLU, the clip: sync-free, CUDA graphs) on that backend;
+#   2. the CUDA tests: tests/test_cuda_kernels.py and test_cuda_channel_norm.py, then the GPU op tests
+#      of the ops the cuda backend serves (LayerNorm family, bias + Leaky ReLU, the clip: sync-free,
+#      CUDA graphs; GroupNorm, BatchNorm) on that backend;
 #   3. compute-sanitizer memcheck and racecheck over benchmarks/cuda_sanitize.py (every kernel once);
 #   4. benchmarks/cuda_bench.py: cuda vs triton vs eager, fractions of the copy bandwidth.
 # Logs and results go to $OUT (if set) as each stage ends. A stage past CUDA_STAGE_BUDGET seconds
@@ -38,9 +39,10 @@ print(f'cuda library: {why or \"loaded\"} in {time.time() - t:.0f}s; device {tor
 raise SystemExit(1 if why else 0)"
 if [ $rc -ne 0 ]; then echo "the CUDA library did not build: nothing else to run"; exit 1; fi
 
-[ "${CUDA_STAGE_TESTS:-1}" = 1 ] && stage cuda-tests python -m pytest -q tests/test_cuda_kernels.py
+[ "${CUDA_STAGE_TESTS:-1}" = 1 ] && stage cuda-tests python -m pytest -q tests/test_cuda_kernels.py tests/test_cuda_channel_norm.py
 stage cuda-op-tests env FUSEDSTAB_TEST_BACKENDS=cuda python -m pytest -q -m gpu \
-    tests/test_layer_norm.py tests/test_bias_leaky_relu.py tests/test_clip_grad.py
+    tests/test_layer_norm.py tests/test_bias_leaky_relu.py tests/test_clip_grad.py tests/test_group_norm.py \
+    tests/test_batch_norm.py
 
 # compute-sanitizer: works on the GPU machine's Firecracker VM, not under gVisor. Say which this is.
 if dmesg 2>/dev/null | grep -qi gvisor || grep -qi gvisor /proc/version 2>/dev/null; then runtime=gVisor

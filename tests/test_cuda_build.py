@@ -2,7 +2,7 @@
 csrc/cuda/check.py, which CI runs with nvcc) is current and shows no spill; check.py's parsing; the
 loader and the backend registry when the CUDA library cannot load (clear reasons, the other backends
 serve, one warning); the launchers' host logic (multi-tensor launch plans, LayerNorm row
-configurations, bias + Leaky ReLU grids) compiled with the host compiler and checked."""
+configurations, bias + Leaky ReLU grids, GroupNorm / BatchNorm plans) compiled with the host compiler and checked."""
 import importlib.util
 import re
 import warnings
@@ -231,3 +231,43 @@ def test_cuda_sources_have_distinct_stems():
     stems = [s.with_suffix("") for s in sources]
     assert len(set(stems)) == len(stems), sorted(stems)
     assert all(s.name.endswith("_glue.cpp") for s in sources if s.suffix == ".cpp")
+
+
+# (N, C, S, G): batch-1 diffusion maps, odd sizes, (N, C) input, more rows than grid.x in one plan
+CN_SHAPES = [(1, 512, 64 * 64, 32), (1, 128, 256 * 256, 32), (2, 2048, 16 * 16, 32), (7, 6, 13, 3), (1, 1, 1, 1),
+             (4096, 1000, 1, 10), (3, 320, 97, 32), (2**20, 4, 2**11, 2)]
+
+
+@pytest.mark.parametrize("N,C,S,G", CN_SHAPES)
+def test_channel_norm_plans(host, N, C, S, G):
+    """csrc/cuda/channel_norm_plan.h: each plan's tile is 256 threads of bx (a power of two <= 32)
+    lanes x 8 elements covering a row (or bx = 32); its tiles cover the (rows, columns) it walks; the
+    splits J are within 1..tiles; grid.x within 2^31 - 1 (the kernels stride past it); batch-1 maps
+    give an H100's 132 SMs work; the channels-last reductions aim at 2 blocks per SM, not 8 (fewer
+    partials); the workspaces hold every partial."""
+    sms = 132
+    out = {line.split()[0]: list(map(int, line.split()[1:])) for line in host(f"cn {sms} {N} {C} {S} {G}")}
+    walks = {  # kind: (segments, rows, row length) it tiles
+        "gn_stats_nchw": (1, N * G, C // G * S), "gn_bwd_nchw": (1, N * C, S), "bn_nchw": (C, N, S),
+        "elem_gn_nchw": (1, N * C, S), "elem_bn_nchw": (1, N * C, S),
+        "gn_stats_cl": (N, S, C), "gn_bwd_cl": (N, S, C), "bn_cl": (1, N * S, C),
+        "elem_gn_cl": (N, S, C), "elem_bn_cl": (1, N * S, C)}
+    for kind, (nseg, rows, length) in walks.items():
+        bx, by, rt, ct, J, items, grid = out[kind]
+        assert bx & (bx - 1) == 0 and bx <= 32 and bx * by == 256 and (bx == 32 or bx * 8 >= length), kind
+        assert rt * by >= rows > (rt - 1) * by and ct * bx * 8 >= length > (ct - 1) * bx * 8, kind
+        splits = rt * ct if kind == "bn_nchw" else rt if kind.endswith("_cl") else ct
+        assert 1 <= J <= splits, kind
+        outputs = nseg * ct if kind.endswith("_cl") else C if kind == "bn_nchw" else rt  # each split J ways
+        assert items == outputs * J, kind
+        assert grid == min(items, 2**31 - 1), kind
+        per_sm = 2 if kind in ("gn_stats_cl", "gn_bwd_cl", "bn_cl") else 8
+        assert J == min(splits, max(1, -(-per_sm * sms // outputs))), kind
+        if N == 1 and C * S >= 2**16:
+            assert items >= sms, kind  # batch 1 fills the GPU
+    J = {k: v[4] for k, v in out.items() if len(v) == 7}
+    for cl, sfx in ((False, "_nchw"), (True, "_cl")):
+        gn_fwd, gn_bwd, bn_stats, bn_bwd = out["ws" + sfx]
+        assert gn_fwd == 24 * N * J["gn_stats" + sfx] * (C if cl else G)
+        assert gn_bwd == 4 * (2 * N * J["gn_bwd" + sfx] * C + 2 * N * G)
+        assert bn_stats == 24 * J["bn" + sfx] * C and bn_bwd == 4 * 2 * J["bn" + sfx] * C

@@ -4,11 +4,15 @@
 //   kinds                       -> the reduce kinds of norm types 2, 1, 0, inf, -inf, 3.5
 //   ln MAXG MAXTPR MINT N...    -> "N long tpr groups threads" per N  (csrc/cuda/launch_config.h)
 //   blr PERSM SMS R L           -> "bx by tiles slices"
+//   cn SMS N C S G              -> "KIND bx by rt ct J items grid" for each channel-norm plan, then
+//                                  "ws gn_fwd gn_bwd bn_stats bn_bwd" (bytes, fp32 accumulation)
 #include <cstdio>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
+#include "cuda/channel_norm_plan.h"
 #include "cuda/launch_config.h"
 #include "cuda/multi_tensor_plan.h"
 
@@ -48,6 +52,26 @@ int main() {
       if (std::scanf("%d %d %lld %lld", &per_sm, &sms, &R, &L) != 4) return 1;
       const cfg::BlrGrid g = cfg::blr_grid(R, L, per_sm, sms);
       std::printf("%d %d %lld %lld\n", g.bx, g.by, (long long)g.tiles, (long long)g.slices);
+    } else if (!std::strcmp(cmd, "cn")) {
+      int sms;
+      long long N, C, S, G;
+      if (std::scanf("%d %lld %lld %lld %lld", &sms, &N, &C, &S, &G) != 5) return 1;
+      auto show = [](const char* kind, const cn::Plan& p) {
+        std::printf("%s %d %d %lld %lld %lld %lld %lld\n", kind, p.t.bx, p.t.by, (long long)p.rt, (long long)p.ct,
+                    (long long)p.J, (long long)p.items, (long long)cn::grid_of(p));
+      };
+      for (int cl = 0; cl < 2; ++cl) {
+        const char* sfx = cl ? "_cl" : "_nchw";
+        std::string k;
+        show((k = std::string("gn_stats") + sfx).c_str(), cn::gn_stats_plan(N, C, S, G, cl, sms));
+        show((k = std::string("gn_bwd") + sfx).c_str(), cn::gn_bwd_plan(N, C, S, cl, sms));
+        show((k = std::string("bn") + sfx).c_str(), cn::bn_plan(N, C, S, cl, sms));
+        show((k = std::string("elem_gn") + sfx).c_str(), cn::elem_plan(N, C, S, cl, true, sms));
+        show((k = std::string("elem_bn") + sfx).c_str(), cn::elem_plan(N, C, S, cl, false, sms));
+        std::printf("ws%s %lld %lld %lld %lld\n", sfx, (long long)cn::gn_fwd_workspace(N, C, S, G, cl, sms),
+                    (long long)cn::gn_bwd_workspace(N, C, S, G, cl, 4, sms),
+                    (long long)cn::bn_stats_workspace(N, C, S, cl, sms), (long long)cn::bn_bwd_workspace(N, C, S, cl, 4, sms));
+      }
     } else {
       return 2;
     }

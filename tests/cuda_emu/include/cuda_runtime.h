@@ -1,0 +1,3 @@
+// Emulator shim (tests/cuda_emu/emu.h) for <cuda_runtime.h>.
+#pragma once
+#include "../emu.h"
