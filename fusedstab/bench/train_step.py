@@ -192,5 +192,12 @@ def train_step(cfg: Config) -> list[Case]:
                "dtype": str(cfg.dtype).removeprefix("torch.")}
         cases.append(Case("train_step", row, functools.partial(_inputs, name, s, cfg.device), provs,
                           {"step": 12 * params * 4}, flops={"step": flops}, skipped=skipped, modes=TRAIN_MODES,
-                          thunk=_step_thunk))
+                          thunk=_step_thunk, desc=_desc(name, s)))
     return cases
+
+
+def _desc(name: str, s: dict) -> str:
+    if name == "gpt":
+        return f"GPT {s['layers']} x {s['d']}, sequence {s['seq']}, batch {s['batch']}"
+    return f"conv net {'-'.join(map(str, s['widths']))}, {s['image']}x{s['image']}, batch {s['batch']}"
+
