@@ -84,7 +84,9 @@ def _jit(name: str, what: str, **kwargs) -> None:
     import torch.utils.cpp_extension as cpp
 
     build_dir = Path(cpp._get_build_directory(name, False))
-    if (build_dir / f"{name}.so").is_file():
+    # no "lock": no other process (a pytest-xdist worker) is building it right now, so the library
+    # is whole; else cpp.load waits for that build and loads its result
+    if (build_dir / f"{name}.so").is_file() and not (build_dir / "lock").exists():
         torch.ops.load_library(str(build_dir / f"{name}.so"))
         return
     print(f"fusedstab: compiling {what}, then cached in {build_dir}", file=sys.stderr, flush=True)
