@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 import fusedstab
 from fusedstab import functional as FS
-from fusedstab.bench.clip import transformer
+from fusedstab.bench.clip_grad_norm import transformer
 from fusedstab.utils import clip_grad_norm_ as fs_clip
 from fusedstab.utils import get_total_norm as fs_total_norm
 

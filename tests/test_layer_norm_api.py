@@ -467,6 +467,29 @@ def test_add_layer_norm_matches_torch_composite(backend):
         assert (gf[3] is None) == rms
 
 
+@pytest.mark.parametrize("used", ["y", "h"])
+@pytest.mark.parametrize("rdtype", [torch.float32, torch.float64], ids=["r32", "r64"])
+def test_add_layer_norm_one_output_used(backend, used, rdtype):
+    """Gradients when only y or only h feeds the loss (the other output gets no zero gradient
+    tensor): as torch's composite, with the residual in its own dtype."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 24, generator=g).requires_grad_()
+    r = torch.randn(6, 24, generator=g, dtype=rdtype).requires_grad_()
+    w, b = torch.randn(24, generator=g).requires_grad_(), torch.randn(24, generator=g).requires_grad_()
+    dout = torch.randn(6, 24, generator=g, dtype=torch.float32 if used == "y" else rdtype)
+    y, h = F.add_layer_norm(x, r, (24,), w, b)
+    gf = torch.autograd.grad(y if used == "y" else h, [x, r, w, b], dout, allow_unused=True)
+    h_ref = x + r
+    y_ref = TF.layer_norm(h_ref.float(), (24,), w, b) if used == "y" else None
+    gt = torch.autograd.grad(y_ref if used == "y" else h_ref, [x, r, w, b], dout, allow_unused=True)
+    for a, e, name in zip(gf, gt, "xrwb"):
+        if e is None:  # h alone: no gradient reaches the norm's weight and bias
+            assert a is None or not a.any(), name
+            continue
+        assert a.dtype == e.dtype, name
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_rms_norm_default_eps_like_torch(backend):
     """eps=None: the machine epsilon of the accumulation dtype, as torch.nn.functional.rms_norm."""
     x = _rand(4, 8) * 1e-4  # small enough that eps matters

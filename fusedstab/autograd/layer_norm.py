@@ -83,9 +83,17 @@ class AddLayerNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, residual, normalized_shape, weight, bias, eps, rms):
+        # An output nobody used gets None, not a materialized zero tensor: the common pre-norm block
+        # uses both, but where h is dropped a zero dh would cost a write and a read of M x N.
+        ctx.set_materialize_grads(False)
         return _forward(ctx, x, residual, normalized_shape, weight, bias, eps, rms)
 
     @staticmethod
     def backward(ctx, dy, dh):
+        if dy is None:  # only h = x + residual was used: it passes dh on to both
+            if dh is None:
+                return (None,) * 7
+            x_dtype, r_dtype = ctx.dtypes
+            return dh.to(x_dtype), dh.to(r_dtype), None, None, None, None, None
         dx, dres, dw, db = _backward(ctx, dy, dh)
         return dx, dres, None, dw, db, None, None
