@@ -23,6 +23,20 @@ def unsupported(args, dtypes=FLOATS, what: str = "the kernels") -> str | None:
     return None
 
 
+def wide_dtypes(x_dtype: torch.dtype) -> set:
+    """The dtypes the kernels take beside an x of ``x_dtype`` (parameters, a residual sum): x's own,
+    or fp32 for fp16/bf16 x."""
+    return {x_dtype} | ({torch.float32} if x_dtype in (torch.float16, torch.bfloat16) else set())
+
+
+def params_unsupported(x_dtype: torch.dtype, params, what: str = "the kernels") -> str | None:
+    """Why kernels that take parameters of x's dtype, or fp32 ones for fp16/bf16 x (the public API's
+    rule; a direct op call may pass others), cannot take ``params``, or None."""
+    if any(p is not None and p.dtype not in wide_dtypes(x_dtype) for p in params):
+        return f"{what} take {x_dtype} input with parameters of its dtype or float32"
+    return None
+
+
 def chan_combine(count: Tensor, mean: Tensor, m2: Tensor, dim: int):
     """(count, mean, M2) of partial sets combined along ``dim`` by Chan et al.'s parallel formula,
     exact for any offset of the values (sets with count 0 contribute nothing)."""

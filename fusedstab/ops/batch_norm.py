@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .. import backend, reference
-from ..numerics import acc_dtype, unsupported
+from ..numerics import acc_dtype, params_unsupported, unsupported
 from .layout import channels_first, channels_inner, like, ncs
 
 
@@ -167,18 +167,13 @@ def _cpp_ok(*args) -> str | None:
 for _op in ("batch_norm_stats", "batch_norm_elemt", "batch_norm_bwd_reduce", "batch_norm_bwd_elemt"):
     backend.register(_op, "cpu", backend.cpp(_op), _cpp_ok)
 
+
 # ----------------------------------------------------------------------------- cuda backend
-_REDUCED = (torch.float16, torch.bfloat16)
-
-
 def _cuda_ok(x, weight=None, bias=None) -> str | None:
     """The CUDA kernels (csrc/cuda/batch_norm.h) take float x with parameters of its dtype, or fp32
-    ones for fp16/bf16 x (the public API's rule; a direct op call may pass others)."""
-    why = unsupported((x, weight, bias), what="the cuda kernels")
-    wide = {x.dtype} | ({torch.float32} if x.dtype in _REDUCED else set())
-    if why is None and any(p is not None and p.dtype not in wide for p in (weight, bias)):
-        why = f"the cuda kernels take {x.dtype} input with parameters of its dtype or float32"
-    return why
+    ones for fp16/bf16 x."""
+    return (unsupported((x, weight, bias), what="the cuda kernels")
+            or params_unsupported(x.dtype, (weight, bias), what="the cuda kernels"))
 
 
 backend.register("batch_norm_stats", "cuda", backend.cpp("batch_norm_stats"), _cuda_ok)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .. import backend, reference
-from ..numerics import acc_dtype, chan_combine, unsupported
+from ..numerics import acc_dtype, chan_combine, params_unsupported, unsupported
 from .layout import channels_first, channels_inner, like, ncs
 
 _EMPTY = (0,)
@@ -188,17 +188,11 @@ backend.register("group_norm_fwd", "cpu", backend.cpp("group_norm_fwd"), _cpp_ok
 backend.register("group_norm_bwd", "cpu", backend.cpp("group_norm_bwd"), _cpp_ok)
 
 # ----------------------------------------------------------------------------- cuda backend
-_REDUCED = (torch.float16, torch.bfloat16)
-
-
 def _cuda_dtypes_ok(x, params) -> str | None:
     """The CUDA kernels (csrc/cuda/group_norm.h) take float x with parameters of its dtype, or fp32
-    ones for fp16/bf16 x (the public API's rule; a direct op call may pass others)."""
-    why = unsupported((x, *params), what="the cuda kernels")
-    wide = {x.dtype} | ({torch.float32} if x.dtype in _REDUCED else set())
-    if why is None and any(p is not None and p.dtype not in wide for p in params):
-        why = f"the cuda kernels take {x.dtype} input with parameters of its dtype or float32"
-    return why
+    ones for fp16/bf16 x."""
+    return (unsupported((x, *params), what="the cuda kernels")
+            or params_unsupported(x.dtype, params, what="the cuda kernels"))
 
 
 def _cuda_fwd_ok(x, weight, bias, G, eps, act, slope) -> str | None:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .. import backend, reference
-from ..numerics import acc_dtype, unsupported
+from ..numerics import acc_dtype, params_unsupported, unsupported, wide_dtypes
 
 _EMPTY = (0,)
 
@@ -175,18 +175,11 @@ backend.register("layer_norm_bwd", "triton", _bwd_triton, _triton_ok)
 
 
 # ----------------------------------------------------------------------------- cuda backend
-_REDUCED = (torch.float16, torch.bfloat16)
-
-
 def _cuda_dtypes_ok(x_dtype, h_dtype, params) -> str | None:
-    """The dtypes the CUDA kernels take: h (x + residual) of x's dtype or fp32 for fp16/bf16 x, the
-    parameters of x's dtype or fp32 for fp16/bf16 x (csrc/cuda/layer_norm.h)."""
-    wide = {x_dtype} | ({torch.float32} if x_dtype in _REDUCED else set())
-    if h_dtype not in wide:
+    """h (x + residual) and the parameters of x's dtype or fp32 for fp16/bf16 x (csrc/cuda/layer_norm.h)."""
+    if h_dtype not in wide_dtypes(x_dtype):
         return f"the cuda kernels take no {x_dtype} input with a {h_dtype} residual sum"
-    if any(p is not None and p.dtype not in wide for p in params):
-        return f"the cuda kernels take {x_dtype} input with parameters of its dtype or float32"
-    return None
+    return params_unsupported(x_dtype, params, what="the cuda kernels")
 
 
 def _cuda_fwd_ok(x, weight, bias, residual, eps, rms) -> str | None:
