@@ -103,3 +103,17 @@ def program_order(request, monkeypatch):
 
         monkeypatch.setattr(builder, "set_grid_idx", mirrored)
     return request.param
+
+
+@pytest.fixture(scope="session")
+def C():
+    """torch.ops.fusedstab_C, for the tests that call the C++ kernels directly: skipped where the
+    extension cannot build, a failure under FUSEDSTAB_REQUIRE_EXT=1 (CI, which must build it)."""
+    from fusedstab import extension
+
+    why = extension.load()
+    if why is not None:
+        if os.environ.get("FUSEDSTAB_REQUIRE_EXT") == "1":
+            pytest.fail(f"FUSEDSTAB_REQUIRE_EXT=1 but the C++ extension is not available: {why}")
+        pytest.skip(f"the C++ extension is not available: {why}")
+    return extension.ops()

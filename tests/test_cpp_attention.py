@@ -16,27 +16,14 @@ cannot reach.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fusedstab import extension
 from fusedstab import reference as R
 
 NEG_INF = float("-inf")
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-
-
-@pytest.fixture(scope="module")
-def C():
-    why = extension.load()
-    if why is not None:
-        if os.environ.get("FUSEDSTAB_REQUIRE_EXT") == "1":
-            pytest.fail(f"FUSEDSTAB_REQUIRE_EXT=1 but the C++ extension is unavailable: {why}")
-        pytest.skip(why)
-    return torch.ops.fusedstab_C
 
 
 @pytest.fixture
