@@ -6,12 +6,7 @@
 // elements, the chunks split over threads; each tensor's chunk partials are combined in chunk order
 // in fp64: deterministic whatever the thread count.
 // grad_clip_finish: scalar code over the per-tensor sums (T values) and the mode's small state.
-//
-// Self-contained (its vector helpers in an anonymous namespace), so that it builds beside the other
-// csrc/cpu kernels without sharing their headers.
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -20,11 +15,10 @@
 #include <string>
 #include <vector>
 
-namespace {
+#include "cpu/vec_io.h"
 
-using at::vec::Vectorized;
-using c10::BFloat16;
-using c10::Half;
+namespace fusedstab::cpu {
+namespace {
 
 constexpr const char* kStats = "grad_stats";
 constexpr const char* kFinish = "grad_clip_finish";
@@ -32,61 +26,6 @@ constexpr int64_t kChunk = 1 << 16;  // elements per task: 256 KiB of fp32
 constexpr int64_t kBlock = 1024;      // elements per fp32 vector sum before it joins the fp64 total
 constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
-
-template <typename T> using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-bool is_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
-template <typename F> decltype(auto) with_float_type(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kFloat: return f(float{});
-    case at::kDouble: return f(double{});
-    case at::kHalf: return f(Half{});
-    case at::kBFloat16: return f(BFloat16{});
-    default: TORCH_CHECK(false, "fusedstab: unsupported dtype ", t);
-  }
-}
-
-// Elements fill [data_ptr, data_ptr + numel) in some order (contiguous, channels_last, permuted).
-bool is_dense(const at::Tensor& t) {
-  std::vector<std::pair<int64_t, int64_t>> dims;
-  for (int64_t d = 0; d < t.dim(); ++d)
-    if (t.size(d) != 1) dims.emplace_back(t.stride(d), t.size(d));
-  std::sort(dims.begin(), dims.end());
-  int64_t expected = 1;
-  for (auto [stride, size] : dims) {
-    if (stride != expected) return false;
-    expected *= size;
-  }
-  return true;
-}
-
-// K = Vectorized<A>::size() elements of T as A lanes; n < K: the rest 0.
-template <typename A, typename T> Vectorized<A> load(const T* p, int64_t n) {
-  constexpr int64_t K = Vectorized<A>::size();
-  if (n < K) {
-    __at_align__ T buf[K] = {};
-    std::copy(p, p + std::clamp<int64_t>(n, 0, K), buf);
-    return load<A, T>(buf, K);
-  }
-  if constexpr (std::is_same_v<A, T>) {
-    return Vectorized<A>::loadu(p);
-  } else {
-    Vectorized<float> v;
-    at::vec::load_to_float(p, v);  // fp16 / bf16 -> fp32
-    return v;
-  }
-}
-
-template <typename A> A lanes_sum(const Vectorized<A>& v) {
-  __at_align__ A b[Vectorized<A>::size()];
-  v.store(b);
-  A s = 0;
-  for (int64_t i = 0; i < Vectorized<A>::size(); ++i) s += b[i];
-  return s;
-}
 
 double nan_max(double a, double b) { return std::isnan(a) || a > b ? a : b; }
 
@@ -109,18 +48,18 @@ template <typename T> Part reduce_chunk(const T* x, int64_t n) {
     V sq0(A(0)), sq1(A(0));
     int64_t i = b;
     for (; i + 2 * K <= end; i += 2 * K) {
-      const V a0 = load<A>(x + i, K).abs(), a1 = load<A>(x + i + K, K).abs();
+      const V a0 = Io<A, T>::load(x + i).abs(), a1 = Io<A, T>::load(x + i + K).abs();
       sq0 = at::vec::fmadd(a0, a0, sq0);
       sq1 = at::vec::fmadd(a1, a1, sq1);
       mx0 = at::vec::clamp_min(a0, mx0);
       mx1 = at::vec::clamp_min(a1, mx1);
     }
     for (; i < end; i += K) {
-      const V a = load<A>(x + i, end - i).abs();  // lanes past the end: 0
+      const V a = Io<A, T>::load(x + i, end - i).abs();  // lanes past the end: 0
       sq0 = at::vec::fmadd(a, a, sq0);
       mx0 = at::vec::clamp_min(a, mx0);
     }
-    r.sq += double(lanes_sum(sq0 + sq1));
+    r.sq += double(hsum(sq0 + sq1));
   }
   __at_align__ A lanes[2 * K];
   mx0.store(lanes);
@@ -296,8 +235,9 @@ void grad_clip_finish(const at::Tensor& stats, at::Tensor& state, const std::opt
 }
 
 }  // namespace
+}  // namespace fusedstab::cpu
 
 TORCH_LIBRARY_IMPL(fusedstab_C, CPU, m) {
-  m.impl("grad_stats", &grad_stats);
-  m.impl("grad_clip_finish", &grad_clip_finish);
+  m.impl("grad_stats", &fusedstab::cpu::grad_stats);
+  m.impl("grad_clip_finish", &fusedstab::cpu::grad_clip_finish);
 }

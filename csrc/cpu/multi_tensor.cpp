@@ -22,20 +22,6 @@ constexpr const char* kNorm = "multi_tensor_norm";
 constexpr const char* kScale = "multi_tensor_scale_";
 constexpr int64_t kChunk = 1 << 16;  // elements: 256 KiB of fp32, ~2k chunks for GPT-2 small's 124M
 
-// Elements fill [data_ptr, data_ptr + numel) in some order (contiguous, channels_last, permuted).
-bool is_dense(const at::Tensor& t) {
-  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dims of size > 1
-  for (int64_t d = 0; d < t.dim(); ++d)
-    if (t.size(d) != 1) dims.emplace_back(t.stride(d), t.size(d));
-  std::sort(dims.begin(), dims.end());
-  int64_t expected = 1;
-  for (auto [stride, size] : dims) {
-    if (stride != expected) return false;
-    expected *= size;
-  }
-  return true;
-}
-
 // The list's common dtype, after checking every tensor (CPU, float, dense, same dtype).
 at::ScalarType check_list(at::TensorList ts, const char* op) {
   TORCH_CHECK(!ts.empty(), op, ": expected a non-empty list of tensors");

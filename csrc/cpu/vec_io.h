@@ -15,6 +15,8 @@
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 #include "common/numerics.h"
 
@@ -124,6 +126,20 @@ template <typename F> decltype(auto) with_float_type(at::ScalarType t, F&& f) {
 }
 
 // ------------------------------------------------------------------------------------------ checks
+// Elements fill [data_ptr, data_ptr + numel) in some order (contiguous, channels_last, permuted).
+inline bool is_dense(const at::Tensor& t) {
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dims of size > 1
+  for (int64_t d = 0; d < t.dim(); ++d)
+    if (t.size(d) != 1) dims.emplace_back(t.stride(d), t.size(d));
+  std::sort(dims.begin(), dims.end());
+  int64_t expected = 1;
+  for (auto [stride, size] : dims) {
+    if (stride != expected) return false;
+    expected *= size;
+  }
+  return true;
+}
+
 inline bool is_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
