@@ -111,7 +111,7 @@ def load() -> str | None:  # the CPU library (the schemas and the cpu backend)
         if lib is not None:
             torch.ops.load_library(str(lib))
         else:
-            _jit(f"{NAMESPACE}_{digest}", "the C++ CPU kernels (first use; about 2-5 minutes on 2 cores)",
+            _jit(f"{NAMESPACE}_{digest}", "the C++ CPU kernels (first use; about 1-3 minutes on 2 cores)",
                  sources=[str(s) for s in sources], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                  extra_include_paths=[str(root)])
     except Exception as e:  # a compiler error, no compiler, no ninja: the other backends serve
