@@ -68,6 +68,16 @@ def _seed():
 
 
 @pytest.fixture(autouse=True)
+def _grad_mode():
+    """Grad mode as the test found it. A torch.compile'd @torch.no_grad() function that raises inside
+    its graph under a plain backend (CompileCounter runs the FX graph itself) never runs the graph's
+    set_grad_enabled(True): one failing test then took autograd away from thousands after it."""
+    enabled = torch.is_grad_enabled()
+    yield
+    torch.set_grad_enabled(enabled)
+
+
+@pytest.fixture(autouse=True)
 def _backend_serves_device(request):
     """Skip a case whose backend cannot serve its device here (triton on CPU tensors without the
     interpreter, cpu on CUDA tensors, ...), with the registry's reason."""
