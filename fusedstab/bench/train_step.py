@@ -200,4 +200,3 @@ def _desc(name: str, s: dict) -> str:
     if name == "gpt":
         return f"GPT {s['layers']} x {s['d']}, sequence {s['seq']}, batch {s['batch']}"
     return f"conv net {'-'.join(map(str, s['widths']))}, {s['image']}x{s['image']}, batch {s['batch']}"
-
