@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
 import fusedstab  # noqa: E402
+from fusedstab.bench.train_step import GPT  # noqa: E402  (the model the train_step benchmark times)
 from fusedstab.nn.torch_blocks import TorchTransformerBlock  # noqa: E402
 
 # (d_model, layers, heads, context, batch, steps) on CPU and on a GPU
@@ -39,24 +40,6 @@ def load_text() -> tuple[torch.Tensor, list[str]]:
     chars = sorted(set(text))
     index = {c: i for i, c in enumerate(chars)}
     return torch.tensor([index[c] for c in text], dtype=torch.long), chars
-
-
-class GPT(torch.nn.Module):
-    def __init__(self, fused: bool, vocab: int, d: int, layers: int, heads: int, context: int):
-        super().__init__()
-        block = fusedstab.nn.TransformerBlock if fused else TorchTransformerBlock
-        norm = fusedstab.nn.LayerNorm if fused else torch.nn.LayerNorm
-        self.tok = torch.nn.Embedding(vocab, d)
-        self.pos = torch.nn.Embedding(context, d)
-        self.blocks = torch.nn.ModuleList(block(d, heads, causal=True) for _ in range(layers))
-        self.norm = norm(d)
-        self.head = torch.nn.Linear(d, vocab, bias=False)
-
-    def forward(self, idx):
-        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
-        for b in self.blocks:
-            x = b(x)
-        return self.head(self.norm(x))
 
 
 def batches(data, context, batch, seed, device):
@@ -85,8 +68,8 @@ def main(argv=None) -> dict:
     data, chars = load_text()
     split = int(0.95 * len(data))
     torch.manual_seed(args.seed)
-    eager = GPT(False, len(chars), d, layers, heads, context).to(dev)
-    fused = GPT(True, len(chars), d, layers, heads, context).to(dev)
+    eager = GPT(TorchTransformerBlock, torch.nn.LayerNorm, len(chars), d, layers, heads, context).to(dev)
+    fused = GPT(fusedstab.nn.TransformerBlock, fusedstab.nn.LayerNorm, len(chars), d, layers, heads, context).to(dev)
     fused.load_state_dict(eager.state_dict())  # the same initial weights
 
     def make_step(model):
