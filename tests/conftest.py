@@ -115,15 +115,27 @@ def program_order(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(scope="session")
-def C():
-    """torch.ops.fusedstab_C, for the tests that call the C++ kernels directly: skipped where the
-    extension cannot build, a failure under FUSEDSTAB_REQUIRE_EXT=1 (CI, which must build it)."""
-    from fusedstab import extension
-
-    why = extension.load()
+def _require_ext(why, what: str) -> None:
+    """Skip where ``what`` is unavailable (``why``); under FUSEDSTAB_REQUIRE_EXT=1 (CI, which must build
+    the extension) fail instead."""
     if why is not None:
         if os.environ.get("FUSEDSTAB_REQUIRE_EXT") == "1":
-            pytest.fail(f"FUSEDSTAB_REQUIRE_EXT=1 but the C++ extension is not available: {why}")
-        pytest.skip(f"the C++ extension is not available: {why}")
+            pytest.fail(f"FUSEDSTAB_REQUIRE_EXT=1 but {what} is not available: {why}")
+        pytest.skip(f"{what} is not available: {why}")
+
+
+@pytest.fixture(scope="session")
+def C():
+    """torch.ops.fusedstab_C, for the tests that call the C++ kernels directly."""
+    from fusedstab import extension
+
+    _require_ext(extension.load(), "the C++ extension")
     return extension.ops()
+
+
+@pytest.fixture(scope="session")
+def cuda_ext():
+    """The cuda backend, for the tests of the CUDA kernels (pytest.mark.usefixtures("cuda_ext"))."""
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA GPU")
+    _require_ext(fs_backend.unavailable("cuda", "cuda"), "the cuda backend")

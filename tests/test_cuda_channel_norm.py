@@ -12,32 +12,18 @@ The kernels' arithmetic also runs on CPU through tests/test_cuda_channel_norm_em
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 import fusedstab
-from fusedstab import backend as fs_backend
 from fusedstab import functional as FF
 from fusedstab import reference
 from helpers import assert_matches, max_err
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("cuda_ext")]
 DEV = "cuda"
 OPS = torch.ops.fusedstab
 CL = torch.channels_last
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _cuda_backend():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    why = fs_backend.unavailable("cuda", "cuda")
-    if why is not None:
-        if os.environ.get("FUSEDSTAB_REQUIRE_EXT") == "1":
-            pytest.fail(f"FUSEDSTAB_REQUIRE_EXT=1 but the cuda backend is unavailable: {why}")
-        pytest.skip(why)
 
 
 def _free_bytes() -> int:

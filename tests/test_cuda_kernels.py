@@ -13,33 +13,19 @@ and test_clip_grad.py (sync-free clip, CUDA-graph capture) also run on this back
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fusedstab
-from fusedstab import backend as fs_backend
 from fusedstab import functional as FF
 from fusedstab import reference
 from helpers import assert_matches, max_err
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("cuda_ext")]
 DEV = "cuda"
 LOWP = (torch.float16, torch.bfloat16)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _cuda_backend():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    why = fs_backend.unavailable("cuda", "cuda")
-    if why is not None:
-        if os.environ.get("FUSEDSTAB_REQUIRE_EXT") == "1":
-            pytest.fail(f"FUSEDSTAB_REQUIRE_EXT=1 but the cuda backend is unavailable: {why}")
-        pytest.skip(why)
 
 
 def _gen(seed: int) -> torch.Generator:
